@@ -1,0 +1,259 @@
+"""Discriminability-enforcing losses (Croitoru, Grigore & Ionescu, arXiv 2202.07073).
+
+Two auxiliary terms act on high-level activations, computed over the whole
+(global) mini-batch, and are added to cross-entropy:
+
+* the **Gini loss** makes each feature fire for one class only;
+* the **KL loss** makes the share of features given to each class match the
+  share of that class in the batch, so the Gini loss cannot hand every feature
+  to a few classes.
+
+Notation, for activations ``x`` of shape ``(B, ..., F)`` and labels ``y`` of
+shape ``(B,)`` in ``[0, C)``::
+
+  a[i, f] = mean over the middle axes of |x[i, ..., f]|
+  n[c]    = #{i : y_i = c}
+  M[f, c] = sum_{i: y_i = c} a[i, f] / n[c]          (0 where n[c] = 0)
+  P[f, c] = M[f, c] / sum_c' M[f, c']                 (0 for a dead feature)
+  L_gini  = mean_f (1 - sum_c P[f, c]^2)
+  q[c]    = sum_f P[f, c] / sum_{f, c'} P[f, c']
+  pi[c]   = n[c] / B
+  L_kl    = sum_{c: n[c] > 0} pi[c] log(pi[c] / q[c])
+
+All statistics are computed in float32 whatever the input dtype. The functions
+are pure, jit-able and invariant to the order of the samples. Under ``jax.jit``
+with the batch sharded over a mesh, XLA reduces over the global batch, so the
+value equals that of a single device holding the same global batch.
+
+Labels out of range: with concrete (non-traced) labels a ``ValueError`` is
+raised. Under ``jax.jit`` the labels cannot be inspected, so the losses return
+NaN when any label lies outside ``[0, num_classes)`` -- never a plausible
+number -- and the training loop's NaN check stops the run. The input pipeline
+(``discrim_jax.data``) rejects such labels before they reach the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "class_feature_distribution",
+    "gini_loss",
+    "kl_loss",
+    "gini_and_kl",
+    "discriminability_loss",
+]
+
+# Floor for q[c] inside the logarithm: q[c] is exactly 0 only when no live
+# feature fires for class c; the floor keeps the KL term finite there.
+_Q_FLOOR = 1e-10
+
+
+def _validate(features: jax.Array, labels: jax.Array, num_classes: int) -> None:
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+    raise ValueError(
+        f"num_classes must be a static Python int, got {num_classes!r}")
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+  if features.ndim < 2:
+    raise ValueError(
+        f"features must have rank >= 2 (batch first, features last), got "
+        f"shape {features.shape}")
+  if labels.ndim != 1:
+    raise ValueError(
+        f"labels must have shape (B,), got shape {labels.shape} "
+        f"(features have shape {features.shape})")
+  if labels.shape[0] != features.shape[0]:
+    raise ValueError(
+        f"batch sizes differ: features have shape {features.shape}, labels "
+        f"have shape {labels.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+  if not isinstance(labels, jax.core.Tracer) and labels.size:
+    concrete = np.asarray(labels)
+    lo, hi = int(concrete.min()), int(concrete.max())
+    if lo < 0 or hi >= num_classes:
+      raise ValueError(
+          f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]; "
+          f"check num_classes or the data set's label map")
+
+
+def _labels_valid(labels: jax.Array, num_classes: int) -> jax.Array:
+  return jnp.all((labels >= 0) & (labels < num_classes))
+
+
+def _class_sums(a: jax.Array, onehot: jax.Array) -> jax.Array:
+  """sum_b a[b, f] * onehot[b, c], the contraction over the (global) batch."""
+  kwargs = {}
+  sharding = jax.typeof(a).sharding
+  if any(axis is not None for axis in sharding.spec):
+    # Under a mesh with Explicit axes the batch axis is sharded in the type,
+    # and JAX asks where the (small, (F, C)) result should live: replicated.
+    kwargs["out_sharding"] = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec())
+  return jnp.einsum("bf,bc->fc", a, onehot,
+                    precision=jax.lax.Precision.HIGHEST, **kwargs)
+
+
+def _statistics(features: jax.Array, labels: jax.Array,
+                num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Returns (P of shape (F, C), class counts n of shape (C,)), float32."""
+  x = jnp.abs(features.astype(jnp.float32))
+  a = jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # (B, C)
+  n = jnp.sum(onehot, axis=0)
+  sums = _class_sums(a, onehot)
+  # Double `where`: the untaken branch must not produce inf/NaN gradients.
+  present = n > 0
+  m = jnp.where(present, sums / jnp.where(present, n, 1.0), 0.0)
+  row = jnp.sum(m, axis=1, keepdims=True)
+  alive = row > 0
+  p = jnp.where(alive, m / jnp.where(alive, row, 1.0), 0.0)
+  return p, n
+
+
+def _gini_from_p(p: jax.Array) -> jax.Array:
+  return jnp.mean(1.0 - jnp.sum(jnp.square(p), axis=1))
+
+
+def _kl_from_p(p: jax.Array, n: jax.Array) -> jax.Array:
+  col = jnp.sum(p, axis=0)
+  total = jnp.sum(col)
+  num_classes = p.shape[1]
+  # With every feature dead q is undefined; take it uniform (no gradient flows).
+  q = jnp.where(total > 0, col / jnp.where(total > 0, total, 1.0),
+                1.0 / num_classes)
+  pi = n / jnp.sum(n)
+  present = n > 0
+  log_ratio = (jnp.log(jnp.where(present, pi, 1.0))
+               - jnp.log(jnp.maximum(q, _Q_FLOOR)))
+  return jnp.sum(jnp.where(present, pi * log_ratio, 0.0))
+
+
+def _nan_unless(valid: jax.Array, value: jax.Array) -> jax.Array:
+  return jnp.where(valid, value, jnp.nan)
+
+
+def class_feature_distribution(features: jax.Array, labels: jax.Array,
+                               num_classes: int) -> jax.Array:
+  """Each feature's distribution over the classes of the batch.
+
+  ``P[f, c] = M[f, c] / sum_c' M[f, c']`` with ``M[f, c]`` the mean over the
+  samples of class ``c`` of ``mean |x[i, ..., f]|`` (see the module docstring).
+  A feature that is zero for the whole batch (dead) has a row of zeros.
+
+  Args:
+    features: activations of shape ``(B, ..., F)``, any float dtype.
+    labels: integer labels of shape ``(B,)`` in ``[0, num_classes)``.
+    num_classes: the number of classes ``C`` (a static Python int >= 2).
+
+  Returns:
+    A float32 array of shape ``(F, C)``; NaN everywhere if a traced label is
+    out of range.
+  """
+  _validate(features, labels, num_classes)
+  p, _ = _statistics(features, labels, num_classes)
+  return _nan_unless(_labels_valid(labels, num_classes), p)
+
+
+def gini_and_kl(features: jax.Array, labels: jax.Array,
+                num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(L_gini, L_kl)`` for one layer, sharing the statistics."""
+  _validate(features, labels, num_classes)
+  p, n = _statistics(features, labels, num_classes)
+  valid = _labels_valid(labels, num_classes)
+  return (_nan_unless(valid, _gini_from_p(p)),
+          _nan_unless(valid, _kl_from_p(p, n)))
+
+
+def gini_loss(features: jax.Array, labels: jax.Array,
+              num_classes: int) -> jax.Array:
+  """Gini impurity of the features with respect to the class labels.
+
+  ``L_gini = mean_f (1 - sum_c P[f, c]^2)``, with ``P`` from
+  :func:`class_feature_distribution`. It is 0 when every feature fires for one
+  class only and ``1 - 1/k`` for a feature equally active on ``k`` classes. A
+  dead feature counts as impurity 1 and passes no gradient.
+
+  Args:
+    features: activations of shape ``(B, ..., F)``, any float dtype.
+    labels: integer labels of shape ``(B,)`` in ``[0, num_classes)``.
+    num_classes: the number of classes (a static Python int >= 2).
+
+  Returns:
+    A float32 scalar.
+  """
+  return gini_and_kl(features, labels, num_classes)[0]
+
+
+def kl_loss(features: jax.Array, labels: jax.Array,
+            num_classes: int) -> jax.Array:
+  """KL divergence between the batch's class distribution and the features'.
+
+  ``L_kl = KL(pi || q) = sum_{c: n[c] > 0} pi[c] log(pi[c] / q[c])`` with
+  ``pi[c] = n[c] / B`` and ``q[c] = sum_f P[f, c] / sum_{f, c'} P[f, c']``.
+  ``q`` is floored at 1e-10 inside the logarithm, so a present class with no
+  live feature gives a large but finite value.
+
+  Args:
+    features: activations of shape ``(B, ..., F)``, any float dtype.
+    labels: integer labels of shape ``(B,)`` in ``[0, num_classes)``.
+    num_classes: the number of classes (a static Python int >= 2).
+
+  Returns:
+    A float32 scalar.
+  """
+  return gini_and_kl(features, labels, num_classes)[1]
+
+
+def discriminability_loss(
+    features: Mapping[str, jax.Array],
+    labels: jax.Array,
+    num_classes: int,
+    *,
+    gini_weights: Mapping[str, float],
+    kl_weights: Mapping[str, float],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The weighted auxiliary objective over K chosen layers.
+
+  ``(1/K) sum_k (gini_weights[k] * L_gini[k] + kl_weights[k] * L_kl[k])``
+  where the K layers are the union of the names in ``gini_weights`` and
+  ``kl_weights``; add the result to cross-entropy. Layers of ``features`` not
+  named in either dict are ignored.
+
+  Args:
+    features: named activations, as the models in ``discrim_jax.models``
+      return them.
+    labels: integer labels of shape ``(B,)``.
+    num_classes: the number of classes (a static Python int >= 2).
+    gini_weights: layer name -> lambda_gini (a missing name means 0).
+    kl_weights: layer name -> lambda_kl (a missing name means 0).
+
+  Returns:
+    ``(total, terms)``: the weighted total (float32 scalar) and a dict with
+    ``gini/<layer>`` and ``kl/<layer>`` for every chosen layer, for logging.
+
+  Raises:
+    ValueError: if a weight names a layer that ``features`` does not have.
+  """
+  layers = sorted(set(gini_weights) | set(kl_weights))
+  missing = [name for name in layers if name not in features]
+  if missing:
+    raise ValueError(
+        f"loss weights name layers {missing} that the model does not return; "
+        f"available: {sorted(features)}")
+  terms: dict[str, jax.Array] = {}
+  total = jnp.zeros((), jnp.float32)
+  for name in layers:
+    gini, kl = gini_and_kl(features[name], labels, num_classes)
+    terms[f"gini/{name}"] = gini
+    terms[f"kl/{name}"] = kl
+    total = (total + gini_weights.get(name, 0.0) * gini
+             + kl_weights.get(name, 0.0) * kl)
+  if layers:
+    total = total / len(layers)
+  return total, terms
