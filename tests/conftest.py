@@ -10,3 +10,18 @@ import jax  # noqa: E402
 
 # Tests compile many small programs once each: trade run time for compile time.
 jax.config.update("jax_disable_most_optimizations", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashion_data_dir(tmp_path_factory):
+  """A TFDS data folder with the real Fashion-MNIST prepared once per session."""
+  from discrim_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  try:
+    fashion_mnist.find_files()
+  except FileNotFoundError as e:
+    pytest.fail(f"the real Fashion-MNIST files are needed: {e}", pytrace=False)
+  path = tmp_path_factory.mktemp("tfds")
+  fashion_mnist.DebianFashionMnist(data_dir=str(path)).download_and_prepare()
+  return str(path)

@@ -1,0 +1,199 @@
+"""Input pipeline tests: CIFAR-100 / Caltech-101 under TFDS mock data, real Fashion-MNIST."""
+
+import itertools
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from discrim_jax import data
+from discrim_jax.data import fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def cifar():
+  with tfds.testing.mock_data(num_examples=230):
+    ds = data.Dataset("cifar100", validation_size=30)
+    for split in data.pipeline.SPLITS:
+      ds.arrays(split)  # read while the mock is active
+  return ds
+
+
+@pytest.fixture(scope="module")
+def caltech():
+  with tfds.testing.mock_data(num_examples=120):
+    ds = data.Dataset("caltech101", image_size=40)
+    for split in data.pipeline.SPLITS:
+      ds.arrays(split)
+  return ds
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def test_cifar100_info_shapes_and_ranges(cifar):
+  info = cifar.info
+  assert info.num_classes == 100 and info.image_shape == (32, 32, 3)
+  assert info.num_examples == {"train": 200, "validation": 30, "test": 230}
+  batch = next(data.make_iterator(cifar, "train", 16, train=True))
+  assert batch["image"].shape == (16, 32, 32, 3)
+  assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert 0 <= batch["label"].min() and batch["label"].max() < 100
+
+
+def test_caltech101_resized_and_per_class_holdout(caltech):
+  info = caltech.info
+  assert info.num_classes == 102 and info.image_shape == (40, 40, 3)
+  _, train_labels = caltech.arrays("train")
+  _, val_labels = caltech.arrays("validation")
+  counts = np.bincount(val_labels, minlength=102)
+  all_counts = np.bincount(np.concatenate([train_labels, val_labels]), minlength=102)
+  # 5 per class, keeping at least one training image of each class.
+  np.testing.assert_array_equal(counts, np.minimum(5, np.maximum(all_counts - 1, 0)))
+  batch = next(data.make_iterator(caltech, "test", 8, train=False))
+  assert batch["image"].shape == (8, 40, 40, 3)
+
+
+def _rows(images):
+  return {img.tobytes() for img in images}
+
+
+@pytest.mark.parametrize("fixture", ["cifar", "caltech"])
+def test_validation_disjoint_from_train(fixture, request):
+  ds = request.getfixturevalue(fixture)
+  train, val = _rows(ds.arrays("train")[0]), _rows(ds.arrays("validation")[0])
+  assert val and not train & val
+
+
+def test_augmentation_only_in_train(cifar):
+  images, labels = cifar.arrays("train")
+  raw = {img.tobytes(): i for i, img in enumerate(images)}
+  batch = next(data.make_iterator(cifar, "train", 32, train=True, augment=False))
+  # Without augmentation a batch holds exact training images.
+  for img in batch["image"]:
+    assert np.round(img * 255).astype(np.uint8).tobytes() in raw
+  aug = next(data.make_iterator(cifar, "train", 32, train=True))
+  changed = [np.round(img * 255).astype(np.uint8).tobytes() not in raw
+             for img in aug["image"]]
+  assert sum(changed) > 16  # crops and flips alter most images
+  evaluated = next(data.make_iterator(cifar, "validation", 30, train=False))
+  np.testing.assert_array_equal(
+      np.round(evaluated["image"] * 255).astype(np.uint8),
+      cifar.arrays("validation")[0])
+
+
+def test_same_seed_same_batches_and_other_seed_differs(cifar):
+  a = take(data.make_iterator(cifar, "train", 16, train=True, seed=3), 3)
+  b = take(data.make_iterator(cifar, "train", 16, train=True, seed=3), 3)
+  c = take(data.make_iterator(cifar, "train", 16, train=True, seed=4), 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_epochs_reshuffle_and_resume_matches_uninterrupted(cifar):
+  steps = data.steps_per_epoch(cifar, 32)  # 200 // 32 = 6
+  full = take(data.make_iterator(cifar, "train", 32, train=True, seed=1), 2 * steps + 2)
+  assert not np.array_equal(full[0]["label"], full[steps]["label"])
+  for start in (4, steps, steps + 3):
+    resumed = take(data.make_iterator(cifar, "train", 32, train=True, seed=1,
+                                      start_step=start), 3)
+    for x, y in zip(full[start:start + 3], resumed):
+      np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_every_eval_example_seen_once_with_mask(cifar):
+  images, labels = cifar.arrays("test")
+  batches = list(data.make_iterator(cifar, "test", 64, train=False))
+  assert len(batches) == 4  # 230 = 3 * 64 + 38, the last padded
+  assert all(b["image"].shape[0] == 64 for b in batches)
+  mask = np.concatenate([b["mask"] for b in batches]) > 0
+  assert mask.sum() == 230 and not mask[230:].any()
+  seen = np.concatenate([b["label"] for b in batches])[mask]
+  np.testing.assert_array_equal(seen, labels)
+
+
+def test_processes_split_each_global_batch(cifar):
+  for train in (True, False):
+    whole = take(data.make_iterator(cifar, "test" if not train else "train", 32,
+                                    train=train, process_index=0, process_count=1), 4)
+    parts = [take(data.make_iterator(cifar, "test" if not train else "train", 32,
+                                     train=train, process_index=p, process_count=2), 4)
+             for p in range(2)]
+    for step, batch in enumerate(whole):
+      for key in batch:
+        np.testing.assert_array_equal(
+            batch[key], np.concatenate([parts[0][step][key], parts[1][step][key]]))
+  with pytest.raises(ValueError, match="batch size 33 is not divisible .* 2"):
+    next(data.make_iterator(cifar, "train", 33, train=True, process_index=0,
+                            process_count=2))
+
+
+def test_normalize_uses_training_statistics(cifar):
+  batch = next(data.make_iterator(cifar, "train", 200, train=False, normalize=True))
+  np.testing.assert_allclose(batch["image"].mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+  np.testing.assert_allclose(batch["image"].std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+
+
+def test_global_batch_sharded_over_data_axis(cifar):
+  mesh = jax.make_mesh((8,), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  batch = next(data.make_iterator(cifar, "train", 16, train=True))
+  arrays = data.to_global_batch(batch, sharding)
+  assert arrays["image"].shape == (16, 32, 32, 3)
+  assert arrays["image"].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
+
+
+def test_unknown_dataset_and_split():
+  with pytest.raises(ValueError, match=r"unknown data set 'mnist'.*'caltech101'"):
+    data.get_info("mnist")
+  with pytest.raises(ValueError, match="unknown split 'val'"):
+    data.Dataset("cifar100").arrays("val")
+
+
+def test_labels_out_of_range_rejected():
+  with pytest.raises(ValueError, match=r"cifar100/train: 2 label\(s\) outside \[0, 100\)"):
+    data.check_labels(np.array([0, 5, 100, -1]), 100, "cifar100/train")
+  data.check_labels(np.array([0, 99]), 100, "ok")
+
+
+def test_image_size_only_for_caltech():
+  with pytest.raises(ValueError, match="image_size=64 is only supported for caltech101"):
+    data.Dataset("cifar100", image_size=64)
+
+
+# ----------------------------------------------------------- real Fashion-MNIST
+
+
+def test_fashion_mnist_real_files(fashion_data_dir):
+  ds = data.Dataset("fashion_mnist", data_dir=fashion_data_dir)
+  info = ds.info
+  assert info.num_classes == 10 and info.image_shape == (28, 28, 1)
+  assert info.num_examples["train"] + info.num_examples["validation"] == 60_000
+  assert info.num_examples["test"] == 10_000
+  _, test_labels = ds.arrays("test")
+  np.testing.assert_array_equal(np.bincount(test_labels), [1000] * 10)
+  batch = next(data.make_iterator(ds, "train", 128, train=True))
+  assert batch["image"].shape == (128, 28, 28, 1)
+
+
+def test_fashion_mnist_idx_reader_rejects_corrupt_files(tmp_path):
+  bad = tmp_path / "bad-idx1-ubyte"
+  bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")
+  with pytest.raises(ValueError, match="truncated"):
+    fashion_mnist.read_idx(bad)
+  bad.write_bytes(b"garbage!")
+  with pytest.raises(ValueError, match="not an idx"):
+    fashion_mnist.read_idx(bad)
+
+
+def test_fashion_mnist_missing_files_say_how_to_get_them(monkeypatch, tmp_path):
+  monkeypatch.setattr(fashion_mnist, "candidate_dirs", lambda: [tmp_path])
+  with pytest.raises(FileNotFoundError, match="make data"):
+    fashion_mnist.find_files()
