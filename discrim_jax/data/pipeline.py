@@ -96,12 +96,15 @@ class Dataset:
     validation_size: override the hold-out: a number of images (cifar100,
       fashion_mnist) or of images per class (caltech101).
     download: let TFDS download and prepare the data when it is missing.
+    max_examples: split name -> keep only the first N examples (quick runs).
   """
 
   def __init__(self, name: str, *, data_dir: str | None = None,
                image_size: int | None = None, validation_seed: int = 0,
-               validation_size: int | None = None, download: bool = True):
+               validation_size: int | None = None, download: bool = True,
+               max_examples: dict[str, int] | None = None):
     self.name = name
+    self._max_examples = {k: v for k, v in (max_examples or {}).items() if v}
     self._spec = _check_name(name)
     if validation_size is not None:
       if validation_size < 1:
@@ -182,6 +185,9 @@ class Dataset:
         val = self._validation_mask(labels)
         self._arrays["train"] = (images[~val], labels[~val])
         self._arrays["validation"] = (images[val], labels[val])
+      for name, limit in self._max_examples.items():
+        if name in self._arrays:
+          self._arrays[name] = tuple(a[:limit] for a in self._arrays[name])
     return self._arrays[split]
 
   @property

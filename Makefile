@@ -1,0 +1,53 @@
+# discrim_jax: `make run` trains the offline default, `make test` runs the tests.
+# Both do all set-up on a fresh Debian/Ubuntu machine with python3 and make.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian's Fashion-MNIST: system-wide (apt-get install) or unpacked without root.
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+FMNIST_CACHE := $(HOME)/.cache/discrim_jax/deb
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PYTHONPATH := $(CURDIR)
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: setup data run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "python3 cannot make virtual environments: installing python3-venv"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+data:
+	@if ls $(FMNIST_SYSTEM)/*-ubyte.gz >/dev/null 2>&1 || \
+	    ls $(FMNIST_CACHE)/usr/share/datasets/fashion-mnist/*-ubyte.gz >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST files present"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "no root: unpacking Debian's dataset-fashion-mnist into $(FMNIST_CACHE)"; \
+	  mkdir -p $(FMNIST_CACHE) && cd $(FMNIST_CACHE) && apt-get download dataset-fashion-mnist && \
+	  dpkg -x dataset-fashion-mnist_*.deb . && rm -f dataset-fashion-mnist_*.deb; \
+	fi
+
+# The default job: CE vs CE+Gini+KL on the real Fashion-MNIST, on the CPU.
+run: setup data
+	$(BIN)/python experiments/compare.py --config=experiments/configs/fashion_mnist.py \
+	  --workdir=workdirs/fashion_mnist_default --objectives=ce,gini_kl --seeds=1
+
+# 8 fake CPU devices exercise the multi-device paths.
+test: setup data
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q tests
+
+bench: setup data
+	$(BIN)/python experiments/bench_input.py
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,512 @@
+"""The training application: ``train_and_evaluate(config, workdir)``.
+
+One ``jax.jit``-ed train step over a 1-D ``'data'`` mesh of all devices: the
+batch is sharded, the state replicated, so BatchNorm and the Gini/KL losses see
+the global batch. Checkpoints go through orbax's ``CheckpointManager`` (the
+latest ``config.keep_checkpoints`` plus the best by validation accuracy);
+rerunning with the same workdir resumes exactly where the last checkpoint left
+off. The final test evaluation uses the best-validation checkpoint.
+
+Workdir contents: ``config.json``, ``metrics.jsonl`` (one JSON object per
+logged step and split), TensorBoard events, ``checkpoints/`` and, at the end,
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import json
+import logging as std_logging
+import math
+import os
+from pathlib import Path
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from discrim_jax import data as data_lib
+from discrim_jax import losses
+from discrim_jax import models
+
+OBJECTIVES = {
+    "ce": (False, False),
+    "gini": (True, False),
+    "kl": (False, True),
+    "gini_kl": (True, True),
+}
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names it and the way out."""
+
+
+# ---------------------------------------------------------------- the config
+
+
+def loss_weights(config) -> tuple[dict[str, float], dict[str, float]]:
+  """(gini_weights, kl_weights) from ``config.objective`` and ``config.loss``."""
+  if config.objective not in OBJECTIVES:
+    raise ConfigError(f"unknown objective {config.objective!r}; use one of "
+                      f"{sorted(OBJECTIVES)} (--config.objective=...)")
+  use_gini, use_kl = OBJECTIVES[config.objective]
+  layers = list(config.loss.layers)
+  gini = {k: float(config.loss.lambda_gini) for k in layers} if use_gini else {}
+  kl = {k: float(config.loss.lambda_kl) for k in layers} if use_kl else {}
+  return gini, kl
+
+
+def validate_config(config) -> None:
+  """Checks the values a run cannot work without; raises ConfigError."""
+  if config.dataset not in data_lib.DATASETS:
+    raise ConfigError(f"unknown data set {config.dataset!r}; known data sets: "
+                      f"{list(data_lib.DATASETS)} (--config.dataset=...)")
+  if config.model not in models.MODELS:
+    raise ConfigError(f"unknown model {config.model!r}; known models: "
+                      f"{sorted(models.MODELS)} (--config.model=...)")
+  loss_weights(config)
+  for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
+                "keep_checkpoints", "eval_every_epochs"):
+    if config[field] < 1:
+      raise ConfigError(f"config.{field} must be >= 1, got {config[field]}")
+  if config.optimizer.lr <= 0:
+    raise ConfigError(f"config.optimizer.lr must be > 0, got {config.optimizer.lr}")
+  if config.optimizer.name not in ("sgd", "adamw"):
+    raise ConfigError(f"unknown optimizer {config.optimizer.name!r}; use 'sgd' "
+                      "or 'adamw' (--config.optimizer.name=...)")
+  if config.schedule.name not in ("step", "cosine", "constant"):
+    raise ConfigError(f"unknown schedule {config.schedule.name!r}; use 'step', "
+                      "'cosine' or 'constant' (--config.schedule.name=...)")
+  n = config.num_devices if config.num_devices > 0 else jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % n:
+      raise ConfigError(
+          f"config.{field}={config[field]} is not divisible by the {n} devices; "
+          f"use a multiple of {n}")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_workdir_config(config, workdir: Path) -> None:
+  """Writes config.json, or refuses a workdir that holds a different run."""
+  path = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != current:
+      a, b = _flat(saved), _flat(current)
+      diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+      raise ConfigError(
+          f"workdir {workdir} holds a run with a different config ("
+          + "; ".join(diff) + "); use a new --workdir to start a new run")
+  elif jax.process_index() == 0:
+    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------- model and optimizer
+
+
+def create_model(config, num_classes: int):
+  kwargs = dict(config.model_kwargs)
+  try:
+    return models.create_model(config.model, num_classes=num_classes, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"{e} (--config.model_kwargs...)") from None
+
+
+def create_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  s, lr = config.schedule, config.optimizer.lr
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(s.warmup_epochs * steps_per_epoch)
+  if s.name == "step":
+    main = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch): s.decay for e in s.boundaries_epochs})
+  elif s.name == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+  else:
+    main = optax.constant_schedule(lr)
+  if warmup:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  return main
+
+
+def create_optimizer(config, schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  if o.name == "sgd":
+    # PyTorch-style L2: decay added to the gradient before momentum.
+    return optax.chain(optax.add_decayed_weights(o.weight_decay),
+                       optax.sgd(schedule, momentum=o.momentum or None,
+                                 nesterov=o.nesterov))
+  return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+
+
+# ----------------------------------------------------------------- the steps
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, batch, *, model, num_classes: int,
+               gini_weights, kl_weights, aux_start_step: int, dropout_key):
+  """One SGD step on a global batch; returns the new state and metrics."""
+  labels = batch["label"]
+  rng = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    (logits, features), updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    ce = jnp.mean(_cross_entropy(logits, labels))
+    aux, terms = losses.discriminability_loss(
+        features, labels, num_classes, gini_weights=gini_weights,
+        kl_weights=kl_weights)
+    aux_scale = (state.step >= aux_start_step).astype(jnp.float32)
+    loss = ce + aux_scale * aux
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (updates["batch_stats"],
+                  dict(terms, ce=ce, loss=loss, accuracy=accuracy))
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
+  metrics.update(grad_norm=optax.global_norm(grads),
+                 param_norm=optax.global_norm(new_state.params),
+                 update_norm=optax.global_norm(updates))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model):
+  """Sums of correct predictions and cross-entropy over the real examples."""
+  logits, _ = model.apply({"params": state.params,
+                           "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  mask = batch["mask"]
+  correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
+  ce = _cross_entropy(logits, batch["label"]) * mask
+  return {"correct": jnp.sum(correct), "ce": jnp.sum(ce), "count": jnp.sum(mask)}
+
+
+# ------------------------------------------------------------------- helpers
+
+
+class MetricsLog:
+  """``metrics.jsonl`` plus CLU writers; only process 0 writes."""
+
+  def __init__(self, workdir: Path, restored_step: int):
+    self._primary = jax.process_index() == 0
+    self.path = workdir / "metrics.jsonl"
+    if self._primary and self.path.exists():
+      # Records after the restored checkpoint belong to the lost tail of an
+      # interrupted run; the resumed run writes them again.
+      kept = [line for line in self.path.read_text().splitlines()
+              if line and json.loads(line)["step"] <= restored_step]
+      self.path.write_text("".join(k + "\n" for k in kept))
+    self.writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=not self._primary, asynchronous=False)
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    values = {k: float(v) for k, v in values.items()}
+    self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()})
+    if self._primary:
+      with self.path.open("a") as f:
+        f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()
+
+
+def _check_finite(history: list[dict[str, float]], first_step: int,
+                  last_good: int | None, workdir: Path) -> None:
+  for offset, metrics in enumerate(history):
+    for term in ["loss", "ce"] + sorted(k for k in metrics if "/" in k):
+      value = metrics[term]
+      if not math.isfinite(value):
+        kept = (f"the last good checkpoint (step {last_good}) is kept in "
+                f"{workdir / 'checkpoints'}" if last_good is not None
+                else "no checkpoint had been saved yet")
+        raise FloatingPointError(
+            f"non-finite {term} = {value} at step {first_step + offset}; {kept}; "
+            "lower --config.optimizer.lr or the loss weights, then rerun")
+
+
+def _restore(manager, step: int, abstract_state, workdir: Path):
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise RuntimeError(
+        f"cannot restore the checkpoint of step {step} in {workdir / 'checkpoints'} "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move that step's "
+        "folder aside to resume from an earlier one, or use a new --workdir"
+    ) from None
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's and TFDS's INFO chatter (lines per save/read) from the console."""
+  noisy = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets"))
+
+  class _Filter:
+
+    def filter(self, record) -> bool:
+      return (record.levelno >= std_logging.WARNING
+              or not any(n in record.pathname for n in noisy))
+
+  logging.get_absl_handler().python_handler.addFilter(_Filter())
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> None:
+  """Multi-host (multi-controller) start-up: TPU pods, multi-GPU hosts, SLURM.
+
+  ``mode``: ``"true"`` always calls ``jax.distributed.initialize()`` (which
+  reads the coordinator from the environment), ``"false"`` never, ``"auto"``
+  when the environment names more than one process.
+  """
+  if mode not in ("auto", "true", "false"):
+    raise ConfigError(f"--distributed must be auto, true or false, got {mode!r}")
+  env = os.environ
+  many = (env.get("JAX_COORDINATOR_ADDRESS")
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+          or int(env.get("SLURM_NTASKS", "1")) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if mode == "true" or (mode == "auto" and many):
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d", jax.process_index(),
+                 jax.process_count())
+
+
+# ----------------------------------------------------------- the application
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything built from the config that the loop and the tests need."""
+  config: ml_collections.ConfigDict
+  dataset: data_lib.Dataset
+  model: Any
+  mesh: jax.sharding.Mesh
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  steps_per_epoch: int
+  total_steps: int
+  schedule: optax.Schedule
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  init_state: Callable[[], TrainState]
+  abstract_state: Any
+
+  def batches(self, split: str, *, train: bool, start_step: int = 0
+              ) -> Iterator[dict[str, jax.Array]]:
+    c = self.config
+    it = data_lib.make_iterator(
+        self.dataset, split, c.batch_size if train else c.eval_batch_size,
+        train=train, seed=c.seed, start_step=start_step, normalize=c.normalize)
+    for batch in it:
+      yield data_lib.to_global_batch(batch, self.batch_sharding)
+
+  def evaluate(self, state, split: str) -> dict[str, float]:
+    totals = None
+    for batch in self.batches(split, train=False):
+      out = self.eval_step(state, batch)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"accuracy": float(totals["correct"]) / count,
+            "ce": float(totals["ce"]) / count, "num_examples": count}
+
+
+def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
+  """Builds data, model, mesh, shardings and the jitted steps from a config."""
+  validate_config(config)
+  if dataset is None:
+    dataset = data_lib.Dataset(
+        config.dataset, data_dir=config.data_dir or None,
+        image_size=config.image_size or None,
+        validation_seed=config.validation_seed,
+        max_examples={"train": config.train_subset,
+                      "validation": config.eval_subset,
+                      "test": config.eval_subset})
+  num_classes = dataset.num_classes
+  model = create_model(config, num_classes)
+  devices = jax.devices()
+  if config.num_devices > 0:
+    devices = devices[:config.num_devices]
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  steps_per_epoch = data_lib.steps_per_epoch(dataset, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} exceeds the "
+        f"{len(dataset.arrays('train')[1])} training examples of {config.dataset}")
+  total_steps = config.num_epochs * steps_per_epoch
+  schedule = create_schedule(config, steps_per_epoch)
+  tx = create_optimizer(config, schedule)
+  image_shape = (1,) + tuple(dataset.image_shape)
+
+  def init_state() -> TrainState:
+    key = jax.random.key(config.seed)
+    variables = model.init(key, jnp.zeros(image_shape, jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+  gini_weights, kl_weights = loss_weights(config)
+  step_fn = jax.jit(
+      lambda state, batch: train_step(
+          state, batch, model=model, num_classes=num_classes,
+          gini_weights=gini_weights, kl_weights=kl_weights,
+          aux_start_step=int(config.loss.start_epoch * steps_per_epoch),
+          dropout_key=jax.random.key(config.seed + 1)),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_fn = jax.jit(lambda state, batch: eval_step(state, batch, model=model),
+                    in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=replicated)
+  return Trainer(config=config, dataset=dataset, model=model, mesh=mesh,
+                 state_sharding=state_sharding, batch_sharding=batch_sharding,
+                 steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                 schedule=schedule, train_step=step_fn, eval_step=eval_fn,
+                 init_state=jax.jit(init_state, out_shardings=state_sharding),
+                 abstract_state=abstract_state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_callback: Callable[[int], None] | None = None,
+                       dataset: data_lib.Dataset | None = None
+                       ) -> dict[str, Any]:
+  """Trains, evaluates, checkpoints; returns the summary (also summary.json).
+
+  Args:
+    config: an experiment config (see ``experiments/configs``).
+    workdir: where checkpoints, metrics and the summary go; a workdir holding a
+      checkpoint of the same config is resumed.
+    step_callback: called with the step number after each train step (on the
+      host, without waiting for the device).
+    dataset: an already loaded data set (saves reading it again).
+  """
+  workdir_path = Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  validate_config(config)
+  check_workdir_config(config, workdir_path)
+  trainer = build(config, dataset=dataset)
+  primary = jax.process_index() == 0
+
+  best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
+  options = ocp.CheckpointManagerOptions(
+      best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy([
+          checkpoint_managers.LatestN(n=config.keep_checkpoints),
+          checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
+      ]),
+      cleanup_tmp_directories=True)
+  manager = ocp.CheckpointManager((workdir_path / "checkpoints").absolute(),
+                                  options=options)
+  start = time.time()
+  try:
+    latest = manager.latest_step()
+    if latest is not None:
+      state = _restore(manager, latest, trainer.abstract_state, workdir_path)
+      logging.info("Resumed from the checkpoint of step %d", latest)
+    else:
+      state = trainer.init_state()
+    step = int(jax.device_get(state.step))
+    log = MetricsLog(workdir_path, step)
+    summary = _train_loop(trainer, state, step, manager, log, workdir_path,
+                          step_callback)
+    best_step = manager.best_step()
+    best_acc = float(manager.metrics(best_step)["accuracy"])
+    best = _restore(manager, best_step, trainer.abstract_state, workdir_path)
+    test = trainer.evaluate(best, "test")
+    log.write(best_step, "test", test)
+    log.close()
+    summary.update(
+        test_accuracy=test["accuracy"], test_ce=test["ce"],
+        best_validation_step=best_step, best_validation_accuracy=best_acc,
+        wall_time_s=time.time() - start, total_steps=trainer.total_steps,
+        dataset=config.dataset, model=config.model, objective=config.objective,
+        seed=config.seed, num_devices=trainer.mesh.size)
+    if primary:
+      (workdir_path / "summary.json").write_text(
+          json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _train_loop(trainer: Trainer, state, step: int, manager, log: MetricsLog,
+                workdir: Path, step_callback) -> dict[str, Any]:
+  config = trainer.config
+  total = trainer.total_steps
+  eval_every = config.eval_every_epochs * trainer.steps_per_epoch
+  report = periodic_actions.ReportProgress(num_train_steps=total,
+                                           writer=log.writer)
+  pending: list[dict[str, jax.Array]] = []
+  pending_start = step
+  timed_steps, timed_seconds, t_mark = 0, 0.0, None
+  batches = trainer.batches("train", train=True, start_step=step)
+  while step < total:
+    batch = next(batches)
+    state, metrics = trainer.train_step(state, batch)
+    pending.append(metrics)
+    step += 1
+    if step_callback is not None:
+      step_callback(step)
+    report(step)
+    is_eval = step % eval_every == 0 or step == total
+    if step % config.log_every_steps == 0 or is_eval:
+      history = jax.device_get(pending)
+      _check_finite(history, pending_start + 1, manager.latest_step(), workdir)
+      # Throughput over whole log intervals, excluding the first (compile).
+      now = time.time()
+      if t_mark is not None:
+        timed_steps += len(pending)
+        timed_seconds += now - t_mark
+      means = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
+      means["learning_rate"] = float(trainer.schedule(step - 1))
+      log.write(step, "train", means)
+      pending, pending_start = [], step
+    if is_eval:
+      val = trainer.evaluate(state, "validation")
+      log.write(step, "validation", val)
+      manager.save(step, args=ocp.args.StandardSave(state),
+                   metrics={"accuracy": val["accuracy"]})
+      logging.info("step %d: validation accuracy %.4f", step, val["accuracy"])
+    if step % config.log_every_steps == 0 or is_eval:
+      t_mark = time.time()
+  images_per_s = (timed_steps * config.batch_size / timed_seconds
+                  if timed_seconds > 0 else float("nan"))
+  return {"train_images_per_s": images_per_s}

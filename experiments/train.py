@@ -1,0 +1,50 @@
+r"""Trains one model: ``train_and_evaluate(config, workdir)`` behind absl flags.
+
+  python experiments/train.py --config=experiments/configs/fashion_mnist.py \
+    --workdir=workdirs/fmnist [--config.FIELD=VALUE ...]
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (experiments/configs/*.py[:args]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "true", "false"],
+    "Call jax.distributed.initialize() for multi-host runs (auto: when the "
+    "environment names several processes).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imported here so that --help stays fast and TF/JAX start after flag parsing.
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  train.quiet_library_logs()
+  try:
+    train.maybe_initialize_distributed(_DISTRIBUTED.value)
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"test accuracy {summary['test_accuracy']:.4f} (best validation "
+        f"{summary['best_validation_accuracy']:.4f} at step "
+        f"{summary['best_validation_step']}); summary in "
+        f"{_WORKDIR.value}/summary.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
