@@ -196,9 +196,9 @@ def train_step(state: TrainState, batch, *, model, num_classes: int,
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
-  metrics.update(grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(new_state.params),
-                 update_norm=optax.global_norm(updates))
+  metrics.update(grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(new_state.params),
+                 update_norm=optax.tree.norm(updates))
   return new_state, metrics
 
 
@@ -446,6 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log = MetricsLog(workdir_path, step)
     summary = _train_loop(trainer, state, step, manager, log, workdir_path,
                           step_callback)
+    manager.wait_until_finished()  # the last save is asynchronous
     best_step = manager.best_step()
     best_acc = float(manager.metrics(best_step)["accuracy"])
     best = _restore(manager, best_step, trainer.abstract_state, workdir_path)

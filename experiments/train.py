@@ -34,11 +34,12 @@ def main(argv):
   from discrim_jax import train  # pylint: disable=g-import-not-at-top
   train.quiet_library_logs()
   try:
+    config = _CONFIG.value  # a config file that fails to load raises here
     train.maybe_initialize_distributed(_DISTRIBUTED.value)
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
+  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.flush()
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     sys.exit(1)
   print(f"test accuracy {summary['test_accuracy']:.4f} (best validation "
         f"{summary['best_validation_accuracy']:.4f} at step "
@@ -46,5 +47,23 @@ def main(argv):
         f"{_WORKDIR.value}/summary.json")
 
 
+def one_line(error: BaseException) -> str:
+  """The gist of an error on one line (for nested tracebacks, their last line)."""
+  text = str(error).replace("\\n", "\n")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = lines[-1:]
+  return " ".join(lines)
+
+
+def parse_flags(argv):
+  """absl's parser, with a one-line error for a bad --config.FIELD override."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"error: bad flag: {one_line(e)} (see --helpfull)", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

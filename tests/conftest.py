@@ -25,3 +25,9 @@ def fashion_data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")
   fashion_mnist.DebianFashionMnist(data_dir=str(path)).download_and_prepare()
   return str(path)
+
+# Identical programs (the same tiny model built by several tests) compile once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.expanduser("~"), ".cache", "discrim_jax",
+                               "jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

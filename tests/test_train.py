@@ -1,0 +1,222 @@
+"""End-to-end tests of the training application on tiny models."""
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from discrim_jax import data
+from discrim_jax import train
+from discrim_jax.config_lib import parse_arg
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from experiments.configs import cifar100 as cifar100_config  # noqa: E402
+from experiments.configs import fashion_mnist as fashion_config  # noqa: E402
+
+
+def smoke_config(**overrides):
+  config = fashion_config.get_config("smoke")
+  config.eval_subset = 200
+  config.eval_batch_size = 200
+  config.train_subset = 320  # 5 steps of 64 per epoch
+  config.log_every_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_data_dir):
+  ds = data.Dataset("fashion_mnist", data_dir=fashion_data_dir,
+                    max_examples={"train": 320, "validation": 200, "test": 200})
+  for split in ("train", "validation", "test"):
+    ds.arrays(split)
+  return ds
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in
+          (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_end_to_end_on_real_data(fashion, tmp_path):
+  config = smoke_config()
+  summary = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  records = read_metrics(tmp_path)
+  train_records = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [2, 4, 5, 6, 8, 10]
+  for key in ("ce", "gini/stage4", "kl/stage4", "accuracy", "learning_rate",
+              "grad_norm", "param_norm", "update_norm", "loss"):
+    assert all(np.isfinite(r[key]) for r in train_records), key
+  # The auxiliary terms join the loss from the start epoch (1) on.
+  first, late = train_records[0], train_records[-1]
+  assert first["loss"] == pytest.approx(first["ce"])
+  assert late["loss"] == pytest.approx(
+      late["ce"] + 0.5 * late["gini/stage4"] + 0.5 * late["kl/stage4"], rel=1e-4)
+  assert [r["step"] for r in records if r["split"] == "validation"] == [5, 10]
+  test_records = [r for r in records if r["split"] == "test"]
+  assert len(test_records) == 1 and test_records[0]["num_examples"] == 200
+  saved = json.loads((tmp_path / "summary.json").read_text())
+  assert saved["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+  assert saved["best_validation_step"] in (5, 10)
+  assert 0.0 <= saved["test_accuracy"] <= 1.0 and saved["train_images_per_s"] > 0
+  assert json.loads((tmp_path / "config.json").read_text())["objective"] == "gini_kl"
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "5"]
+
+
+def test_smoke_on_mock_cifar100(tmp_path):
+  config = cifar100_config.get_config("model=resnet17,objective=gini")
+  config.model_kwargs.width_multiplier = 0.125
+  config.update(num_epochs=1, batch_size=32, eval_batch_size=40, log_every_steps=2)
+  config.loss.start_epoch = 0
+  with tfds.testing.mock_data(num_examples=100):
+    ds = data.Dataset("cifar100", validation_size=36)
+    for split in ("train", "validation", "test"):
+      ds.arrays(split)
+  summary = train.train_and_evaluate(config, str(tmp_path), dataset=ds)
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records if r["split"] == "train"] == [2]
+  assert "gini/stage4" in records[0] and records[0]["loss"] > records[0]["ce"]
+  assert summary["total_steps"] == 2 and summary["model"] == "resnet17"
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
+  config = smoke_config()
+  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
+
+  def die_at(step):
+    if step == 9:  # mid-epoch 2, after the checkpoint of step 5 and the log of 8
+      raise Interrupt()
+
+  with pytest.raises(Interrupt):
+    train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion,
+                             step_callback=die_at)
+  # The interrupted run logged steps 6 and 8 that the checkpoint does not hold.
+  assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 8
+  train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion)
+  whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+  assert [(r["step"], r["split"]) for r in whole] == [
+      (r["step"], r["split"]) for r in resumed]
+  for a, b in zip(whole, resumed):
+    for key in a:
+      if key not in ("step", "split"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=str(a))
+
+
+def _run_steps(config, dataset, num_steps):
+  trainer = train.build(config, dataset=dataset)
+  state = trainer.init_state()
+  metrics = []
+  batches = trainer.batches("train", train=True)
+  for _ in range(num_steps):
+    state, m = trainer.train_step(state, next(batches))
+    metrics.append(m)
+  return trainer, jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_eight_devices_equal_one_device(fashion):
+  assert jax.device_count() == 8, (
+      "run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test)")
+  t8, params8, metrics8 = _run_steps(smoke_config(num_devices=-1), fashion, 3)
+  t1, params1, metrics1 = _run_steps(smoke_config(num_devices=1), fashion, 3)
+  assert t8.mesh.size == 8 and t1.mesh.size == 1
+  chex.assert_trees_all_close(metrics8, metrics1, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(params8, params1, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path):
+  # Epoch 1 trains normally; then the learning rate jumps to 1e30.
+  config = smoke_config()
+  config.schedule.name = "step"
+  config.schedule.boundaries_epochs = (1,)
+  config.schedule.decay = 1e32
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite \S+ = nan at step [6-9].*step 5\) is kept"):
+    train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["5"]
+  assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model", "resnet34", r"unknown model 'resnet34'.*--config.model"),
+    ("objective", "entropy", r"unknown objective 'entropy'.*gini_kl"),
+    ("dataset", "imagenet", r"unknown data set 'imagenet'"),
+    ("batch_size", 60, r"batch_size=60 is not divisible by the 8 devices"),
+    ("optimizer.lr", -1.0, r"lr must be > 0"),
+])
+def test_config_errors(field, value, match):
+  with pytest.raises(train.ConfigError, match=match):
+    train.validate_config(smoke_config(**{field: value}))
+
+
+def test_loss_layer_missing_from_model_is_named(fashion, tmp_path):
+  config = smoke_config()
+  config.loss.layers = ("stage7",)
+  with pytest.raises(ValueError, match=r"\['stage7'\].*available"):
+    train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+
+
+def test_workdir_with_other_config_is_refused(fashion, tmp_path):
+  train.check_workdir_config(smoke_config(), tmp_path)
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(train.ConfigError,
+                     match=r"different config \(objective: 'gini_kl' -> 'ce'\).*new --workdir"):
+    train.check_workdir_config(smoke_config(objective="ce"), tmp_path)
+  assert (tmp_path / "config.json").read_text() == before
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_is_kept(fashion, tmp_path):
+  config = smoke_config(num_epochs=1)
+  train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  for path in (tmp_path / "checkpoints" / "5").rglob("*"):
+    if path.is_file() and "manifest" in path.name:
+      path.write_bytes(b"corrupt")
+  with pytest.raises(RuntimeError, match=r"cannot restore the checkpoint of step 5.*move"):
+    train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  assert (tmp_path / "checkpoints" / "5").exists()
+
+
+def test_config_arguments():
+  args = parse_arg("model=cvt13,smoke", model="resnet18", smoke=False)
+  assert args.model == "cvt13" and args.smoke is True
+  with pytest.raises(ValueError, match="unknown config argument 'modle'"):
+    parse_arg("modle=x", model="resnet18")
+
+
+def _cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, str(REPO / "experiments" / "train.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_bad_value_is_one_line_error(tmp_path):
+  result = _cli("--config=experiments/configs/fashion_mnist.py:smoke",
+                f"--workdir={tmp_path}", "--config.model=resnet99")
+  assert result.returncode == 1
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert errors and "unknown model 'resnet99'" in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_field_is_rejected(tmp_path):
+  result = _cli("--config=experiments/configs/fashion_mnist.py:smoke",
+                f"--workdir={tmp_path}", "--config.modle=resnet18")
+  assert result.returncode != 0
+  assert "modle" in result.stderr and "Traceback" not in result.stderr
