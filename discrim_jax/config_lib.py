@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.layers = ("stage4",)  # the output of the last residual stage
   c.loss.lambda_gini = 0.5
   c.loss.lambda_kl = 0.5
-  c.loss.start_epoch = 10  # auxiliary terms switched off before this epoch
+  c.loss.start_epoch = 10.0  # auxiliary terms switched off before this epoch
 
   c.num_epochs = 250
   c.batch_size = 200

@@ -42,6 +42,9 @@ import numpy as np
 
 __all__ = [
     "class_feature_distribution",
+    "class_feature_sums",
+    "distribution_from_sums",
+    "gini_from_distribution",
     "gini_loss",
     "kl_loss",
     "gini_and_kl",
@@ -99,24 +102,43 @@ def _class_sums(a: jax.Array, onehot: jax.Array) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST, **kwargs)
 
 
-def _statistics(features: jax.Array, labels: jax.Array,
-                num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Returns (P of shape (F, C), class counts n of shape (C,)), float32."""
+def class_feature_sums(features: jax.Array, labels: jax.Array, num_classes: int,
+                       weights: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Per-class sums of feature strength, for statistics over several batches.
+
+  Returns ``(S, n)`` with ``S[f, c] = sum_{i: y_i = c} w_i a[i, f]`` (shape
+  ``(F, C)``) and ``n[c] = sum_{i: y_i = c} w_i``, float32; ``w`` defaults to
+  ones (a 0/1 mask drops padded examples). Sums from several batches add up;
+  :func:`distribution_from_sums` turns them into ``P``.
+  """
   x = jnp.abs(features.astype(jnp.float32))
   a = jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # (B, C)
-  n = jnp.sum(onehot, axis=0)
-  sums = _class_sums(a, onehot)
+  if weights is not None:
+    onehot = onehot * weights.astype(jnp.float32)[:, None]
+  return _class_sums(a, onehot), jnp.sum(onehot, axis=0)
+
+
+def distribution_from_sums(sums: jax.Array, counts: jax.Array) -> jax.Array:
+  """``P[f, c]`` from :func:`class_feature_sums` (0 rows for dead features)."""
   # Double `where`: the untaken branch must not produce inf/NaN gradients.
-  present = n > 0
-  m = jnp.where(present, sums / jnp.where(present, n, 1.0), 0.0)
+  present = counts > 0
+  m = jnp.where(present, sums / jnp.where(present, counts, 1.0), 0.0)
   row = jnp.sum(m, axis=1, keepdims=True)
   alive = row > 0
-  p = jnp.where(alive, m / jnp.where(alive, row, 1.0), 0.0)
-  return p, n
+  return jnp.where(alive, m / jnp.where(alive, row, 1.0), 0.0)
 
 
-def _gini_from_p(p: jax.Array) -> jax.Array:
+def _statistics(features: jax.Array, labels: jax.Array,
+                num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Returns (P of shape (F, C), class counts n of shape (C,)), float32."""
+  sums, n = class_feature_sums(features, labels, num_classes)
+  return distribution_from_sums(sums, n), n
+
+
+def gini_from_distribution(p: jax.Array) -> jax.Array:
+  """``mean_f (1 - sum_c P[f, c]^2)`` for a feature-class matrix ``P``."""
   return jnp.mean(1.0 - jnp.sum(jnp.square(p), axis=1))
 
 
@@ -166,7 +188,7 @@ def gini_and_kl(features: jax.Array, labels: jax.Array,
   _validate(features, labels, num_classes)
   p, n = _statistics(features, labels, num_classes)
   valid = _labels_valid(labels, num_classes)
-  return (_nan_unless(valid, _gini_from_p(p)),
+  return (_nan_unless(valid, gini_from_distribution(p)),
           _nan_unless(valid, _kl_from_p(p, n)))
 
 

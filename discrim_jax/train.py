@@ -9,7 +9,8 @@ off. The final test evaluation uses the best-validation checkpoint.
 
 Workdir contents: ``config.json``, ``metrics.jsonl`` (one JSON object per
 logged step and split), TensorBoard events, ``checkpoints/`` and, at the end,
-``summary.json``.
+``summary.json`` and ``feature_class_matrix.npz`` (the matrix P of each loss
+layer over the test split, for the best-validation model).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ OBJECTIVES = {
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # Base key of dropout/drop-path (raw uint32[2]); kept in the state rather
+  # than the program, so that runs differing only in seed share one compile.
+  rng: Any = None
 
 
 class ConfigError(ValueError):
@@ -66,9 +70,11 @@ def loss_weights(config) -> tuple[dict[str, float], dict[str, float]]:
     raise ConfigError(f"unknown objective {config.objective!r}; use one of "
                       f"{sorted(OBJECTIVES)} (--config.objective=...)")
   use_gini, use_kl = OBJECTIVES[config.objective]
+  # Terms that are off get weight 0: they are still computed and logged, so
+  # that a CE run shows the Gini and KL values it would have had.
   layers = list(config.loss.layers)
-  gini = {k: float(config.loss.lambda_gini) for k in layers} if use_gini else {}
-  kl = {k: float(config.loss.lambda_kl) for k in layers} if use_kl else {}
+  gini = {k: float(config.loss.lambda_gini) * use_gini for k in layers}
+  kl = {k: float(config.loss.lambda_kl) * use_kl for k in layers}
   return gini, kl
 
 
@@ -93,6 +99,10 @@ def validate_config(config) -> None:
   if config.schedule.name not in ("step", "cosine", "constant"):
     raise ConfigError(f"unknown schedule {config.schedule.name!r}; use 'step', "
                       "'cosine' or 'constant' (--config.schedule.name=...)")
+  if config.num_devices > jax.device_count():
+    raise ConfigError(
+        f"config.num_devices={config.num_devices} but only {jax.device_count()} "
+        "devices are visible; use -1 for all of them")
   n = config.num_devices if config.num_devices > 0 else jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % n:
@@ -174,10 +184,10 @@ def _cross_entropy(logits, labels):
 
 
 def train_step(state: TrainState, batch, *, model, num_classes: int,
-               gini_weights, kl_weights, aux_start_step: int, dropout_key):
+               gini_weights, kl_weights, aux_start_step: int):
   """One SGD step on a global batch; returns the new state and metrics."""
   labels = batch["label"]
-  rng = jax.random.fold_in(dropout_key, state.step)
+  rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     (logits, features), updates = model.apply(
@@ -202,15 +212,22 @@ def train_step(state: TrainState, batch, *, model, num_classes: int,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model):
-  """Sums of correct predictions and cross-entropy over the real examples."""
-  logits, _ = model.apply({"params": state.params,
-                           "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+def eval_step(state: TrainState, batch, *, model, num_classes: int,
+              layers: tuple[str, ...]):
+  """Sums over the real examples: correct predictions, cross-entropy and, per
+  loss layer, the per-class feature strengths that give the matrix P."""
+  logits, features = model.apply({"params": state.params,
+                                  "batch_stats": state.batch_stats},
+                                 batch["image"], train=False)
   mask = batch["mask"]
   correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
   ce = _cross_entropy(logits, batch["label"]) * mask
-  return {"correct": jnp.sum(correct), "ce": jnp.sum(ce), "count": jnp.sum(mask)}
+  out = {"correct": jnp.sum(correct), "ce": jnp.sum(ce), "count": jnp.sum(mask)}
+  for layer in layers:
+    out[f"class_sums/{layer}"], out[f"class_counts/{layer}"] = (
+        losses.class_feature_sums(features[layer], batch["label"], num_classes,
+                                  weights=mask))
+  return out
 
 
 # ------------------------------------------------------------------- helpers
@@ -330,28 +347,43 @@ class Trainer:
     for batch in it:
       yield data_lib.to_global_batch(batch, self.batch_sharding)
 
-  def evaluate(self, state, split: str) -> dict[str, float]:
+  def evaluate(self, state, split: str, *, with_features: bool = False):
+    """Accuracy and cross-entropy over a split; with ``with_features`` also
+    ``(metrics, {layer: P})`` with P the feature-class matrix of the split."""
     totals = None
     for batch in self.batches(split, train=False):
-      out = self.eval_step(state, batch)
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
+      out = jax.device_get(self.eval_step(state, batch))
+      totals = out if totals is None else jax.tree.map(np.add, totals, out)
     count = float(totals["count"])
-    return {"accuracy": float(totals["correct"]) / count,
-            "ce": float(totals["ce"]) / count, "num_examples": count}
+    metrics = {"accuracy": float(totals["correct"]) / count,
+               "ce": float(totals["ce"]) / count, "num_examples": count}
+    if not with_features:
+      return metrics
+    matrices = {}
+    for layer in self.config.loss.layers:
+      p = losses.distribution_from_sums(totals[f"class_sums/{layer}"],
+                                        totals[f"class_counts/{layer}"])
+      matrices[layer] = np.asarray(p)
+      metrics[f"gini/{layer}"] = float(losses.gini_from_distribution(p))
+    return metrics, matrices
+
+
+def load_dataset(config) -> data_lib.Dataset:
+  """The data set a config names (read lazily, once)."""
+  return data_lib.Dataset(
+      config.dataset, data_dir=config.data_dir or None,
+      image_size=config.image_size or None,
+      validation_seed=config.validation_seed,
+      max_examples={"train": config.train_subset,
+                    "validation": config.eval_subset,
+                    "test": config.eval_subset})
 
 
 def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
   """Builds data, model, mesh, shardings and the jitted steps from a config."""
   validate_config(config)
   if dataset is None:
-    dataset = data_lib.Dataset(
-        config.dataset, data_dir=config.data_dir or None,
-        image_size=config.image_size or None,
-        validation_seed=config.validation_seed,
-        max_examples={"train": config.train_subset,
-                      "validation": config.eval_subset,
-                      "test": config.eval_subset})
+    dataset = load_dataset(config)
   num_classes = dataset.num_classes
   model = create_model(config, num_classes)
   devices = jax.devices()
@@ -376,7 +408,8 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
     key = jax.random.key(config.seed)
     variables = model.init(key, jnp.zeros(image_shape, jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables.get("batch_stats", {}), tx=tx)
+                             batch_stats=variables.get("batch_stats", {}), tx=tx,
+                             rng=jax.random.PRNGKey(config.seed + 1))
 
   abstract_state = jax.eval_shape(init_state)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -388,11 +421,12 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
       lambda state, batch: train_step(
           state, batch, model=model, num_classes=num_classes,
           gini_weights=gini_weights, kl_weights=kl_weights,
-          aux_start_step=int(config.loss.start_epoch * steps_per_epoch),
-          dropout_key=jax.random.key(config.seed + 1)),
+          aux_start_step=int(config.loss.start_epoch * steps_per_epoch)),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_fn = jax.jit(lambda state, batch: eval_step(state, batch, model=model),
+  eval_fn = jax.jit(lambda state, batch: eval_step(
+      state, batch, model=model, num_classes=num_classes,
+      layers=tuple(config.loss.layers)),
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=replicated)
   return Trainer(config=config, dataset=dataset, model=model, mesh=mesh,
@@ -450,8 +484,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     best_step = manager.best_step()
     best_acc = float(manager.metrics(best_step)["accuracy"])
     best = _restore(manager, best_step, trainer.abstract_state, workdir_path)
-    test = trainer.evaluate(best, "test")
+    test, matrices = trainer.evaluate(best, "test", with_features=True)
     log.write(best_step, "test", test)
+    if primary:
+      np.savez_compressed(workdir_path / "feature_class_matrix.npz", **matrices)
     log.close()
     summary.update(
         test_accuracy=test["accuracy"], test_ce=test["ce"],
@@ -497,7 +533,7 @@ def _train_loop(trainer: Trainer, state, step: int, manager, log: MetricsLog,
         timed_steps += len(pending)
         timed_seconds += now - t_mark
       means = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
-      means["learning_rate"] = float(trainer.schedule(step - 1))
+      means["learning_rate"] = float(jax.jit(trainer.schedule)(step - 1))
       log.write(step, "train", means)
       pending, pending_start = [], step
     if is_eval:

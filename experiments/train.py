@@ -14,6 +14,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from discrim_jax.cli import enable_compilation_cache, one_line, parse_flags
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +35,7 @@ def main(argv):
   # Imported here so that --help stays fast and TF/JAX start after flag parsing.
   from discrim_jax import train  # pylint: disable=g-import-not-at-top
   train.quiet_library_logs()
+  enable_compilation_cache()
   try:
     config = _CONFIG.value  # a config file that fails to load raises here
     train.maybe_initialize_distributed(_DISTRIBUTED.value)
@@ -45,24 +48,6 @@ def main(argv):
         f"{summary['best_validation_accuracy']:.4f} at step "
         f"{summary['best_validation_step']}); summary in "
         f"{_WORKDIR.value}/summary.json")
-
-
-def one_line(error: BaseException) -> str:
-  """The gist of an error on one line (for nested tracebacks, their last line)."""
-  text = str(error).replace("\\n", "\n")
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if any(line.startswith("Traceback") for line in lines):
-    lines = lines[-1:]
-  return " ".join(lines)
-
-
-def parse_flags(argv):
-  """absl's parser, with a one-line error for a bad --config.FIELD override."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"error: bad flag: {one_line(e)} (see --helpfull)", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def smoke_config(**overrides):
   config.eval_batch_size = 200
   config.train_subset = 320  # 5 steps of 64 per epoch
   config.log_every_steps = 2
+  config.num_devices = 1  # the 8-device path has its own test; saves compiles
   for key, value in overrides.items():
     target = config
     *path, leaf = key.split(".")
@@ -89,7 +90,7 @@ def test_smoke_on_mock_cifar100(tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path), dataset=ds)
   records = read_metrics(tmp_path)
   assert [r["step"] for r in records if r["split"] == "train"] == [2]
-  assert "gini/stage4" in records[0] and records[0]["loss"] > records[0]["ce"]
+  assert "kl/stage4" in records[0] and records[0]["loss"] > records[0]["ce"]
   assert summary["total_steps"] == 2 and summary["model"] == "resnet17"
 
 
@@ -137,8 +138,13 @@ def test_eight_devices_equal_one_device(fashion):
   t8, params8, metrics8 = _run_steps(smoke_config(num_devices=-1), fashion, 3)
   t1, params1, metrics1 = _run_steps(smoke_config(num_devices=1), fashion, 3)
   assert t8.mesh.size == 8 and t1.mesh.size == 1
-  chex.assert_trees_all_close(metrics8, metrics1, rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(params8, params1, rtol=1e-4, atol=1e-5)
+  # The first step differs only by the order of float reductions; later steps
+  # let that rounding grow (BatchNorm's fast variance, E[x^2] - E[x]^2,
+  # amplifies it): after 3 steps biases differ by ~1e-4 of updates ~1e-2. Per-device (not global) BatchNorm or loss
+  # statistics would differ by far more (each device holds 8 of 64 examples).
+  chex.assert_trees_all_close(metrics8[0], metrics1[0], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(metrics8, metrics1, rtol=2e-3, atol=1e-5)
+  chex.assert_trees_all_close(params8, params1, rtol=2e-3, atol=3e-4)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path):
@@ -159,11 +165,14 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path)
     ("objective", "entropy", r"unknown objective 'entropy'.*gini_kl"),
     ("dataset", "imagenet", r"unknown data set 'imagenet'"),
     ("batch_size", 60, r"batch_size=60 is not divisible by the 8 devices"),
+    ("num_devices", 16, r"num_devices=16 but only 8 devices"),
     ("optimizer.lr", -1.0, r"lr must be > 0"),
 ])
 def test_config_errors(field, value, match):
+  config = smoke_config(num_devices=-1)
+  config[field.split(".")[0]]  # the field exists
   with pytest.raises(train.ConfigError, match=match):
-    train.validate_config(smoke_config(**{field: value}))
+    train.validate_config(smoke_config(**{"num_devices": -1, field: value}))
 
 
 def test_loss_layer_missing_from_model_is_named(fashion, tmp_path):

@@ -23,6 +23,6 @@ def get_config(arg=None):
   c.eval_batch_size = 128
   c.num_epochs = 100
   c.schedule.boundaries_epochs = (30, 60, 80)
-  c.loss.start_epoch = 5
+  c.loss.start_epoch = 5.0
   common.model_defaults(c, args.model, image_size=args.image_size)
   return c

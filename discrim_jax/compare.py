@@ -1,0 +1,246 @@
+"""Reproduction harness: CE vs CE+Gini vs CE+KL vs CE+Gini+KL over seeds.
+
+``run_comparison`` trains every (objective, seed) pair through
+:func:`discrim_jax.train.train_and_evaluate` in ``WORKDIR/OBJECTIVE/seedN``
+(finished runs, those with a ``summary.json``, are not redone; interrupted
+ones resume from their checkpoints), then writes into ``WORKDIR``:
+
+* ``results.md`` and ``results.json``: mean ± std test accuracy per
+  objective, the paired difference to CE (same seeds) with a 95% t-interval,
+  best-validation accuracy, the final training Gini and KL values, the test-set
+  Gini impurity of the features, images/s;
+* ``accuracy.png``, ``curves.png``, ``impurity_hist.png``, ``heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from discrim_jax import data as data_lib
+from discrim_jax import train
+
+OBJECTIVE_NAMES = {"ce": "CE", "gini": "CE+Gini", "kl": "CE+KL",
+                   "gini_kl": "CE+Gini+KL"}
+
+
+def run_dir(workdir: Path, objective: str, seed: int) -> Path:
+  return workdir / objective / f"seed{seed}"
+
+
+def _t_quantile(dof: int) -> float:
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.t.ppf(0.975, dof))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def train_all(config, workdir: Path, objectives, seeds: int,
+              dataset: data_lib.Dataset | None = None) -> None:
+  """Trains the runs that have no summary yet."""
+  for objective in objectives:
+    for seed in range(seeds):
+      out = run_dir(workdir, objective, seed)
+      if (out / "summary.json").exists():
+        logging.info("%s seed %d: done already, skipped", objective, seed)
+        continue
+      run_config = copy.deepcopy(config)
+      run_config.unlock()
+      run_config.objective = objective
+      run_config.seed = seed
+      run_config.lock()
+      if dataset is None:
+        dataset = train.load_dataset(run_config)
+      logging.info("training %s seed %d in %s", objective, seed, out)
+      train.train_and_evaluate(run_config, str(out), dataset=dataset)
+
+
+def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
+  """Aggregates the runs' summaries into a results dict."""
+  rows = {}
+  for objective in objectives:
+    runs = []
+    for seed in range(seeds):
+      out = run_dir(workdir, objective, seed)
+      summary = json.loads((out / "summary.json").read_text())
+      records = _read_jsonl(out / "metrics.jsonl")
+      last_train = [r for r in records if r["split"] == "train"][-1]
+      test = [r for r in records if r["split"] == "test"][-1]
+      runs.append({
+          "seed": seed,
+          "test_accuracy": summary["test_accuracy"],
+          "best_validation_accuracy": summary["best_validation_accuracy"],
+          "images_per_s": summary["train_images_per_s"],
+          "final_gini": {k[5:]: v for k, v in last_train.items()
+                         if k.startswith("gini/")},
+          "final_kl": {k[3:]: v for k, v in last_train.items()
+                       if k.startswith("kl/")},
+          "test_gini": {k[5:]: v for k, v in test.items() if k.startswith("gini/")},
+      })
+    acc = np.array([r["test_accuracy"] for r in runs])
+    rows[objective] = {
+        "runs": runs,
+        "test_accuracy_mean": float(acc.mean()),
+        "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        "best_validation_accuracy_mean": float(np.mean(
+            [r["best_validation_accuracy"] for r in runs])),
+        "images_per_s_mean": float(np.mean([r["images_per_s"] for r in runs])),
+    }
+  if "ce" in rows:
+    base = np.array([r["test_accuracy"] for r in rows["ce"]["runs"]])
+    for objective, row in rows.items():
+      diff = np.array([r["test_accuracy"] for r in row["runs"]]) - base
+      half = (_t_quantile(len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+              if len(diff) > 1 else float("nan"))
+      row["diff_to_ce_mean"] = float(diff.mean())
+      row["diff_to_ce_ci95"] = [float(diff.mean() - half), float(diff.mean() + half)]
+  return {"seeds": seeds, "objectives": list(objectives), "results": rows}
+
+
+def _mean_dict(dicts: list[dict[str, float]]) -> str:
+  if not dicts or not dicts[0]:
+    return "–"
+  return ", ".join(f"{np.mean([d[k] for d in dicts]):.3f}" for k in sorted(dicts[0]))
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  lines = [
+      "| objective | test acc. (mean ± std) | Δ vs CE [95% CI] | best val. acc. "
+      "| final train Gini | final train KL | test-set Gini | images/s |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for objective, row in results["results"].items():
+    runs = row["runs"]
+    if "diff_to_ce_mean" in row and objective != "ce":
+      lo, hi = row["diff_to_ce_ci95"]
+      diff = f"{100 * row['diff_to_ce_mean']:+.2f}"
+      if len(runs) > 1:
+        diff += f" [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    else:
+      diff = "–"
+    lines.append(
+        f"| {OBJECTIVE_NAMES.get(objective, objective)} "
+        f"| {100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_std']:.2f} "
+        f"| {diff} | {100 * row['best_validation_accuracy_mean']:.2f} "
+        f"| {_mean_dict([r['final_gini'] for r in runs])} "
+        f"| {_mean_dict([r['final_kl'] for r in runs])} "
+        f"| {_mean_dict([r['test_gini'] for r in runs])} "
+        f"| {row['images_per_s_mean']:.0f} |")
+  lines.append("")
+  lines.append(f"Accuracies in %, {results['seeds']} seed(s) per objective; Δ is "
+               "the paired difference to CE over the same seeds (t-interval). "
+               "Gini/KL columns: the loss layer(s); train values are the last "
+               "logged interval, test-set Gini is the feature impurity over the "
+               "test split for the best-validation checkpoint.")
+  return "\n".join(lines) + "\n"
+
+
+def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
+  """Writes the four figures; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  objectives = results["objectives"]
+  seeds = results["seeds"]
+  rows = results["results"]
+  names = [OBJECTIVE_NAMES.get(o, o) for o in objectives]
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  means = [100 * rows[o]["test_accuracy_mean"] for o in objectives]
+  stds = [100 * rows[o]["test_accuracy_std"] for o in objectives]
+  ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
+  for i, o in enumerate(objectives):
+    ax.scatter([i] * seeds, [100 * r["test_accuracy"] for r in rows[o]["runs"]],
+               color="k", s=8, zorder=3)
+  lo = min(min(100 * r["test_accuracy"] for r in rows[o]["runs"]) for o in objectives)
+  hi = max(min(100, m + s) for m, s in zip(means, stds))
+  ax.set_ylim(lo - 1, hi + 0.5)
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"Test accuracy, {seeds} seed(s), mean ± std")
+  fig.tight_layout()
+  paths.append(workdir / "accuracy.png")
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  for o, name in zip(objectives, names):
+    for split, ax, key in (("train", axes[0], "ce"),
+                           ("validation", axes[1], "accuracy")):
+      curves = []
+      for seed in range(seeds):
+        records = _read_jsonl(run_dir(workdir, o, seed) / "metrics.jsonl")
+        curves.append([(r["step"], r[key]) for r in records if r["split"] == split])
+      steps = [s for s, _ in curves[0]]
+      values = np.mean([[v for _, v in c] for c in curves], axis=0)
+      ax.plot(steps, values, label=name)
+  axes[0].set(title="training cross-entropy (mean over seeds)", xlabel="step")
+  axes[1].set(title="validation accuracy (mean over seeds)", xlabel="step")
+  axes[1].legend()
+  fig.tight_layout()
+  paths.append(workdir / "curves.png")
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  shown = [o for o in ("ce", "gini_kl") if o in objectives] or objectives[:2]
+  matrices = {o: np.load(run_dir(workdir, o, 0) / "feature_class_matrix.npz")
+              for o in shown}
+  layer = sorted(matrices[shown[0]].files)[0]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for o in shown:
+    p = matrices[o][layer]
+    ax.hist(1 - (p ** 2).sum(axis=1), bins=30, range=(0, 1), alpha=0.6,
+            label=OBJECTIVE_NAMES.get(o, o))
+  ax.set(xlabel="per-feature Gini impurity (test set)", ylabel="features",
+         title=f"Feature impurity at {layer} (seed 0)")
+  ax.legend()
+  fig.tight_layout()
+  paths.append(workdir / "impurity_hist.png")
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
+  axes = np.atleast_1d(axes)
+  rng = np.random.default_rng(0)
+  for ax, o in zip(axes, shown):
+    p = matrices[o][layer]
+    sample = rng.choice(p.shape[0], size=min(32, p.shape[0]), replace=False)
+    sample = sample[np.argsort(p[sample].argmax(axis=1), kind="stable")]
+    im = ax.imshow(p[sample], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set(title=f"{OBJECTIVE_NAMES.get(o, o)}: P[feature, class]",
+           xlabel="class", ylabel=f"{len(sample)} sampled features")
+  fig.colorbar(im, ax=list(axes))
+  paths.append(workdir / "heatmap.png")
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def run_comparison(config, workdir: str, *, objectives=tuple(OBJECTIVE_NAMES),
+                   seeds: int = 5, dataset: data_lib.Dataset | None = None
+                   ) -> dict[str, Any]:
+  """Trains what is missing, then writes the table, JSON and plots."""
+  unknown = [o for o in objectives if o not in train.OBJECTIVES]
+  if unknown:
+    raise train.ConfigError(f"unknown objective(s) {unknown}; use some of "
+                            f"{sorted(train.OBJECTIVES)}")
+  if seeds < 1:
+    raise train.ConfigError(f"--seeds must be >= 1, got {seeds}")
+  out = Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  train_all(config, out, objectives, seeds, dataset)
+  results = summarize(out, objectives, seeds)
+  table = markdown_table(results)
+  (out / "results.md").write_text(table)
+  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  plot(out, results)
+  return results

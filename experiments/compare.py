@@ -1,0 +1,51 @@
+r"""Trains CE, CE+Gini, CE+KL and CE+Gini+KL over seeds; writes table and plots.
+
+  python experiments/compare.py --config=experiments/configs/fashion_mnist.py \
+    --workdir=workdirs/fmnist_compare --seeds=5
+
+Finished runs are not redone; rerun the same command to resume.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from discrim_jax.cli import enable_compilation_cache, one_line, parse_flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (experiments/configs/*.py[:args]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for all runs and results.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per objective.")
+_OBJECTIVES = flags.DEFINE_list("objectives", ["ce", "gini", "kl", "gini_kl"],
+                                "Objectives to compare.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from discrim_jax import compare  # pylint: disable=g-import-not-at-top
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  train.quiet_library_logs()
+  enable_compilation_cache()
+  try:
+    results = compare.run_comparison(_CONFIG.value, _WORKDIR.value,
+                                     objectives=_OBJECTIVES.value,
+                                     seeds=_SEEDS.value)
+  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+    logging.flush()
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  print(compare.markdown_table(results))
+  print(f"table, JSON and plots in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
