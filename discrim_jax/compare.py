@@ -44,23 +44,31 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def train_all(config, workdir: Path, objectives, seeds: int,
-              dataset: data_lib.Dataset | None = None) -> None:
-  """Trains the runs that have no summary yet."""
+              dataset: data_lib.Dataset | None = None,
+              vmap_seeds: bool = False) -> None:
+  """Trains the runs that have no summary yet (with ``vmap_seeds``, the
+  missing seeds of an objective together, in one vmapped step)."""
   for objective in objectives:
+    todo = []
     for seed in range(seeds):
       out = run_dir(workdir, objective, seed)
       if (out / "summary.json").exists():
         logging.info("%s seed %d: done already, skipped", objective, seed)
-        continue
-      run_config = copy.deepcopy(config)
-      run_config.unlock()
+      else:
+        todo.append(seed)
+    if not todo:
+      continue
+    run_config = copy.deepcopy(config)
+    with run_config.unlocked():
       run_config.objective = objective
-      run_config.seed = seed
-      run_config.lock()
-      if dataset is None:
-        dataset = train.load_dataset(run_config)
-      logging.info("training %s seed %d in %s", objective, seed, out)
-      train.train_and_evaluate(run_config, str(out), dataset=dataset)
+    if dataset is None:
+      dataset = train.load_dataset(run_config)
+    groups = [todo] if vmap_seeds else [[seed] for seed in todo]
+    for group in groups:
+      logging.info("training %s seeds %s", objective, group)
+      train.train_and_evaluate_seeds(
+          run_config, {seed: str(run_dir(workdir, objective, seed)) for seed in group},
+          dataset=dataset)
 
 
 def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
@@ -226,9 +234,14 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
 
 
 def run_comparison(config, workdir: str, *, objectives=tuple(OBJECTIVE_NAMES),
-                   seeds: int = 5, dataset: data_lib.Dataset | None = None
-                   ) -> dict[str, Any]:
-  """Trains what is missing, then writes the table, JSON and plots."""
+                   seeds: int = 5, dataset: data_lib.Dataset | None = None,
+                   vmap_seeds: bool = False) -> dict[str, Any]:
+  """Trains what is missing, then writes the table, JSON and plots.
+
+  ``vmap_seeds`` trains an objective's seeds together with
+  :func:`discrim_jax.train.train_and_evaluate_seeds` (same results as one
+  after another, one compile).
+  """
   unknown = [o for o in objectives if o not in train.OBJECTIVES]
   if unknown:
     raise train.ConfigError(f"unknown objective(s) {unknown}; use some of "
@@ -237,7 +250,7 @@ def run_comparison(config, workdir: str, *, objectives=tuple(OBJECTIVE_NAMES),
     raise train.ConfigError(f"--seeds must be >= 1, got {seeds}")
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  train_all(config, out, objectives, seeds, dataset)
+  train_all(config, out, objectives, seeds, dataset, vmap_seeds)
   results = summarize(out, objectives, seeds)
   table = markdown_table(results)
   (out / "results.md").write_text(table)

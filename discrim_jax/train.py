@@ -16,7 +16,9 @@ layer over the test split, for the best-validation model).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import copy
 import dataclasses
+import functools
 import json
 import logging as std_logging
 import math
@@ -321,9 +323,26 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
 # ----------------------------------------------------------- the application
 
 
+def load_dataset(config) -> data_lib.Dataset:
+  """The data set a config names (read lazily, once)."""
+  return data_lib.Dataset(
+      config.dataset, data_dir=config.data_dir or None,
+      image_size=config.image_size or None,
+      validation_seed=config.validation_seed,
+      max_examples={"train": config.train_subset,
+                    "validation": config.eval_subset,
+                    "test": config.eval_subset})
+
+
 @dataclasses.dataclass
 class Trainer:
-  """Everything built from the config that the loop and the tests need."""
+  """Everything built from a config that the loop and the tests need.
+
+  ``train_step`` and ``eval_step`` are single-replica jitted steps;
+  ``replica_train_step`` and ``replica_eval_step`` are the same steps under
+  ``jax.vmap`` over a leading axis of independent replicas (seeds): N models
+  and optimizer states trained by one compiled program.
+  """
   config: ml_collections.ConfigDict
   dataset: data_lib.Dataset
   model: Any
@@ -335,48 +354,63 @@ class Trainer:
   schedule: optax.Schedule
   train_step: Callable[..., Any]
   eval_step: Callable[..., Any]
-  init_state: Callable[[], TrainState]
+  replica_train_step: Callable[..., Any]
+  replica_eval_step: Callable[..., Any]
+  init_state: Callable[[int], TrainState]
   abstract_state: Any
+  stack: Callable[..., Any]
+  unstack: Callable[..., Any]
 
-  def batches(self, split: str, *, train: bool, start_step: int = 0
-              ) -> Iterator[dict[str, jax.Array]]:
-    c = self.config
-    it = data_lib.make_iterator(
-        self.dataset, split, c.batch_size if train else c.eval_batch_size,
-        train=train, seed=c.seed, start_step=start_step, normalize=c.normalize)
-    for batch in it:
+  def batches(self, split: str, *, train: bool, start_step: int = 0,
+              seed: int | None = None) -> Iterator[dict[str, jax.Array]]:
+    """Global batches of a split for one seed (default: ``config.seed``)."""
+    for batch in self._local_batches(split, train, start_step, seed):
       yield data_lib.to_global_batch(batch, self.batch_sharding)
+
+  def replica_batches(self, seeds, start_step: int
+                      ) -> Iterator[dict[str, jax.Array]]:
+    """Training batches of several seeds stacked on a leading replica axis."""
+    sharding = NamedSharding(self.mesh, P(None, "data"))
+    its = [self._local_batches("train", True, start_step, s) for s in seeds]
+    for parts in zip(*its):
+      stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+      yield data_lib.to_global_batch(stacked, sharding)
+
+  def _local_batches(self, split, train, start_step, seed):
+    c = self.config
+    return data_lib.make_iterator(
+        self.dataset, split, c.batch_size if train else c.eval_batch_size,
+        train=train, seed=c.seed if seed is None else seed,
+        start_step=start_step, normalize=c.normalize)
 
   def evaluate(self, state, split: str, *, with_features: bool = False):
     """Accuracy and cross-entropy over a split; with ``with_features`` also
     ``(metrics, {layer: P})`` with P the feature-class matrix of the split."""
+    stacked = self.stack(state)
+    return self.evaluate_replicas(stacked, split, with_features=with_features)[0]
+
+  def evaluate_replicas(self, states, split: str, *, with_features: bool = False):
+    """:meth:`evaluate` for stacked replicas; returns one result per replica."""
     totals = None
     for batch in self.batches(split, train=False):
-      out = jax.device_get(self.eval_step(state, batch))
+      out = jax.device_get(self.replica_eval_step(states, batch))
       totals = out if totals is None else jax.tree.map(np.add, totals, out)
-    count = float(totals["count"])
-    metrics = {"accuracy": float(totals["correct"]) / count,
-               "ce": float(totals["ce"]) / count, "num_examples": count}
-    if not with_features:
-      return metrics
-    matrices = {}
-    for layer in self.config.loss.layers:
-      p = losses.distribution_from_sums(totals[f"class_sums/{layer}"],
-                                        totals[f"class_counts/{layer}"])
-      matrices[layer] = np.asarray(p)
-      metrics[f"gini/{layer}"] = float(losses.gini_from_distribution(p))
-    return metrics, matrices
-
-
-def load_dataset(config) -> data_lib.Dataset:
-  """The data set a config names (read lazily, once)."""
-  return data_lib.Dataset(
-      config.dataset, data_dir=config.data_dir or None,
-      image_size=config.image_size or None,
-      validation_seed=config.validation_seed,
-      max_examples={"train": config.train_subset,
-                    "validation": config.eval_subset,
-                    "test": config.eval_subset})
+    results = []
+    for r in range(len(totals["count"])):
+      count = float(totals["count"][r])
+      metrics = {"accuracy": float(totals["correct"][r]) / count,
+                 "ce": float(totals["ce"][r]) / count, "num_examples": count}
+      if not with_features:
+        results.append(metrics)
+        continue
+      matrices = {}
+      for layer in self.config.loss.layers:
+        p = losses.distribution_from_sums(totals[f"class_sums/{layer}"][r],
+                                          totals[f"class_counts/{layer}"][r])
+        matrices[layer] = np.asarray(p)
+        metrics[f"gini/{layer}"] = float(losses.gini_from_distribution(p))
+      results.append((metrics, matrices))
+    return results
 
 
 def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
@@ -393,6 +427,7 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
                        axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
+  replica_batch_sharding = NamedSharding(mesh, P(None, "data"))
 
   steps_per_epoch = data_lib.steps_per_epoch(dataset, config.batch_size)
   if steps_per_epoch == 0:
@@ -404,37 +439,69 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
   tx = create_optimizer(config, schedule)
   image_shape = (1,) + tuple(dataset.image_shape)
 
-  def init_state() -> TrainState:
-    key = jax.random.key(config.seed)
-    variables = model.init(key, jnp.zeros(image_shape, jnp.float32), train=False)
+  def init_state(seed) -> TrainState:
+    variables = model.init(jax.random.key(seed),
+                           jnp.zeros(image_shape, jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables.get("batch_stats", {}), tx=tx,
-                             rng=jax.random.PRNGKey(config.seed + 1))
+                             rng=jax.random.PRNGKey(seed + 1))
 
-  abstract_state = jax.eval_shape(init_state)
+  abstract_state = jax.eval_shape(init_state, 0)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
   gini_weights, kl_weights = loss_weights(config)
-  step_fn = jax.jit(
-      lambda state, batch: train_step(
-          state, batch, model=model, num_classes=num_classes,
-          gini_weights=gini_weights, kl_weights=kl_weights,
-          aux_start_step=int(config.loss.start_epoch * steps_per_epoch)),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_fn = jax.jit(lambda state, batch: eval_step(
-      state, batch, model=model, num_classes=num_classes,
-      layers=tuple(config.loss.layers)),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=replicated)
-  return Trainer(config=config, dataset=dataset, model=model, mesh=mesh,
-                 state_sharding=state_sharding, batch_sharding=batch_sharding,
-                 steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                 schedule=schedule, train_step=step_fn, eval_step=eval_fn,
-                 init_state=jax.jit(init_state, out_shardings=state_sharding),
-                 abstract_state=abstract_state)
+  step = functools.partial(
+      train_step, model=model, num_classes=num_classes,
+      gini_weights=gini_weights, kl_weights=kl_weights,
+      aux_start_step=int(config.loss.start_epoch * steps_per_epoch))
+  evaluate = functools.partial(eval_step, model=model, num_classes=num_classes,
+                               layers=tuple(config.loss.layers))
+  return Trainer(
+      config=config, dataset=dataset, model=model, mesh=mesh,
+      state_sharding=state_sharding, batch_sharding=batch_sharding,
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      schedule=schedule,
+      train_step=jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated),
+                         donate_argnums=0),
+      eval_step=jax.jit(evaluate, in_shardings=(state_sharding, batch_sharding),
+                        out_shardings=replicated),
+      replica_train_step=jax.jit(
+          jax.vmap(step), in_shardings=(replicated, replica_batch_sharding),
+          out_shardings=(replicated, replicated), donate_argnums=0),
+      replica_eval_step=jax.jit(
+          jax.vmap(evaluate, in_axes=(0, None)),
+          in_shardings=(replicated, batch_sharding), out_shardings=replicated),
+      init_state=jax.jit(init_state, out_shardings=state_sharding),
+      abstract_state=abstract_state,
+      stack=jax.jit(lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states),
+                    out_shardings=replicated),
+      unstack=jax.jit(lambda states, r: jax.tree.map(lambda x: x[r], states),
+                      out_shardings=state_sharding))
+
+
+def _checkpoint_manager(config, workdir: Path) -> ocp.CheckpointManager:
+  best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
+  options = ocp.CheckpointManagerOptions(
+      best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy([
+          checkpoint_managers.LatestN(n=config.keep_checkpoints),
+          checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
+      ]),
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                               options=options)
+
+
+@dataclasses.dataclass
+class _Replica:
+  """One seed's run: its config, workdir, checkpoints and metrics log."""
+  config: ml_collections.ConfigDict
+  workdir: Path
+  manager: ocp.CheckpointManager
+  log: MetricsLog | None = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -451,99 +518,139 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       host, without waiting for the device).
     dataset: an already loaded data set (saves reading it again).
   """
-  workdir_path = Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  validate_config(config)
-  check_workdir_config(config, workdir_path)
-  trainer = build(config, dataset=dataset)
-  primary = jax.process_index() == 0
+  return train_and_evaluate_seeds(config, {config.seed: workdir},
+                                  step_callback=step_callback,
+                                  dataset=dataset)[config.seed]
 
-  best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
-  options = ocp.CheckpointManagerOptions(
-      best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy([
-          checkpoint_managers.LatestN(n=config.keep_checkpoints),
-          checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
-      ]),
-      cleanup_tmp_directories=True)
-  manager = ocp.CheckpointManager((workdir_path / "checkpoints").absolute(),
-                                  options=options)
+
+def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
+                             workdirs: dict[int, str], *,
+                             step_callback: Callable[[int], None] | None = None,
+                             dataset: data_lib.Dataset | None = None
+                             ) -> dict[int, dict[str, Any]]:
+  """:func:`train_and_evaluate` for several seeds trained together.
+
+  The seeds' models and optimizer states are stacked and trained by one
+  ``jax.vmap``-ed, jitted step (one compile, N models); each seed keeps its own
+  data order, workdir, checkpoints, metrics and summary, which equal those of
+  training it alone. Worth it for small models that leave the machine idle.
+  Returns ``{seed: summary}``.
+  """
+  seeds = list(workdirs)
+  validate_config(config)
+  replicas = []
+  for seed in seeds:
+    seed_config = copy.deepcopy(config)
+    with seed_config.unlocked():
+      seed_config.seed = seed
+    path = Path(workdirs[seed])
+    path.mkdir(parents=True, exist_ok=True)
+    check_workdir_config(seed_config, path)
+    replicas.append(_Replica(seed_config, path, None))  # type: ignore[arg-type]
+  trainer = build(config, dataset=dataset)
   start = time.time()
   try:
-    latest = manager.latest_step()
-    if latest is not None:
-      state = _restore(manager, latest, trainer.abstract_state, workdir_path)
-      logging.info("Resumed from the checkpoint of step %d", latest)
+    for r in replicas:
+      r.manager = _checkpoint_manager(config, r.workdir)
+    latest = [r.manager.latest_step() for r in replicas]
+    if len(set(latest)) > 1:
+      raise RuntimeError(
+          f"the seeds' workdirs hold checkpoints of different steps {latest}; "
+          "train them one at a time (without --vmap_seeds) to resume")
+    if latest[0] is not None:
+      states = [_restore(r.manager, latest[0], trainer.abstract_state, r.workdir)
+                for r in replicas]
+      logging.info("Resumed from the checkpoints of step %d", latest[0])
     else:
-      state = trainer.init_state()
-    step = int(jax.device_get(state.step))
-    log = MetricsLog(workdir_path, step)
-    summary = _train_loop(trainer, state, step, manager, log, workdir_path,
-                          step_callback)
-    manager.wait_until_finished()  # the last save is asynchronous
-    best_step = manager.best_step()
-    best_acc = float(manager.metrics(best_step)["accuracy"])
-    best = _restore(manager, best_step, trainer.abstract_state, workdir_path)
-    test, matrices = trainer.evaluate(best, "test", with_features=True)
-    log.write(best_step, "test", test)
-    if primary:
-      np.savez_compressed(workdir_path / "feature_class_matrix.npz", **matrices)
-    log.close()
-    summary.update(
-        test_accuracy=test["accuracy"], test_ce=test["ce"],
-        best_validation_step=best_step, best_validation_accuracy=best_acc,
-        wall_time_s=time.time() - start, total_steps=trainer.total_steps,
-        dataset=config.dataset, model=config.model, objective=config.objective,
-        seed=config.seed, num_devices=trainer.mesh.size)
-    if primary:
-      (workdir_path / "summary.json").write_text(
-          json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
+      states = [trainer.init_state(seed) for seed in seeds]
+    step = latest[0] or 0
+    for r in replicas:
+      r.log = MetricsLog(r.workdir, step)
+    images_per_s = _train_loop(trainer, trainer.stack(*states), step, replicas,
+                               seeds, step_callback)
+    summaries = {}
+    best_states, best_steps = [], []
+    for r in replicas:
+      r.manager.wait_until_finished()  # the last save is asynchronous
+      best_steps.append(r.manager.best_step())
+      best_states.append(_restore(r.manager, best_steps[-1],
+                                  trainer.abstract_state, r.workdir))
+    tests = trainer.evaluate_replicas(trainer.stack(*best_states), "test",
+                                      with_features=True)
+    for seed, r, best_step, (test, matrices) in zip(seeds, replicas, best_steps,
+                                                     tests):
+      r.log.write(best_step, "test", test)
+      r.log.close()
+      summary = {
+          "test_accuracy": test["accuracy"], "test_ce": test["ce"],
+          "best_validation_step": best_step,
+          "best_validation_accuracy": float(
+              r.manager.metrics(best_step)["accuracy"]),
+          "wall_time_s": time.time() - start,
+          "train_images_per_s": images_per_s / len(seeds),
+          "total_steps": trainer.total_steps, "dataset": config.dataset,
+          "model": config.model, "objective": config.objective, "seed": seed,
+          "num_devices": trainer.mesh.size, "trained_with_seeds": seeds}
+      if jax.process_index() == 0:
+        np.savez_compressed(r.workdir / "feature_class_matrix.npz", **matrices)
+        (r.workdir / "summary.json").write_text(
+            json.dumps(summary, indent=2, sort_keys=True) + "\n")
+      summaries[seed] = summary
+    return summaries
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    for r in replicas:
+      if r.manager is not None:
+        r.manager.wait_until_finished()
+        r.manager.close()
 
 
-def _train_loop(trainer: Trainer, state, step: int, manager, log: MetricsLog,
-                workdir: Path, step_callback) -> dict[str, Any]:
+def _train_loop(trainer: Trainer, states, step: int, replicas: list[_Replica],
+                seeds: list[int], step_callback) -> float:
+  """Trains the stacked replicas to the end; returns total images/s."""
   config = trainer.config
   total = trainer.total_steps
   eval_every = config.eval_every_epochs * trainer.steps_per_epoch
-  report = periodic_actions.ReportProgress(num_train_steps=total,
-                                           writer=log.writer)
+  report = periodic_actions.ReportProgress(
+      num_train_steps=total, writer=replicas[0].log.writer,
+      every_steps=config.log_every_steps, every_secs=60)
   pending: list[dict[str, jax.Array]] = []
   pending_start = step
   timed_steps, timed_seconds, t_mark = 0, 0.0, None
-  batches = trainer.batches("train", train=True, start_step=step)
+  batches = trainer.replica_batches(seeds, step)
   while step < total:
-    batch = next(batches)
-    state, metrics = trainer.train_step(state, batch)
+    states, metrics = trainer.replica_train_step(states, next(batches))
     pending.append(metrics)
     step += 1
     if step_callback is not None:
       step_callback(step)
     report(step)
     is_eval = step % eval_every == 0 or step == total
-    if step % config.log_every_steps == 0 or is_eval:
+    is_log = step % config.log_every_steps == 0 or is_eval
+    if is_log:
       history = jax.device_get(pending)
-      _check_finite(history, pending_start + 1, manager.latest_step(), workdir)
+      learning_rate = float(jax.jit(trainer.schedule)(step - 1))
+      for i, r in enumerate(replicas):
+        mine = [{k: float(v[i]) for k, v in h.items()} for h in history]
+        _check_finite(mine, pending_start + 1, r.manager.latest_step(), r.workdir)
+        means = {k: float(np.mean([h[k] for h in mine])) for k in mine[-1]}
+        means["learning_rate"] = learning_rate
+        r.log.write(step, "train", means)
       # Throughput over whole log intervals, excluding the first (compile).
       now = time.time()
       if t_mark is not None:
         timed_steps += len(pending)
         timed_seconds += now - t_mark
-      means = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
-      means["learning_rate"] = float(jax.jit(trainer.schedule)(step - 1))
-      log.write(step, "train", means)
       pending, pending_start = [], step
     if is_eval:
-      val = trainer.evaluate(state, "validation")
-      log.write(step, "validation", val)
-      manager.save(step, args=ocp.args.StandardSave(state),
-                   metrics={"accuracy": val["accuracy"]})
-      logging.info("step %d: validation accuracy %.4f", step, val["accuracy"])
-    if step % config.log_every_steps == 0 or is_eval:
+      for i, (r, val) in enumerate(zip(replicas, trainer.evaluate_replicas(
+          states, "validation"))):
+        r.log.write(step, "validation", val)
+        r.manager.save(step, args=ocp.args.StandardSave(trainer.unstack(states, i)),
+                       metrics={"accuracy": val["accuracy"]})
+        logging.info("step %d: seed %d validation accuracy %.4f", step,
+                     r.config.seed, val["accuracy"])
+    if is_log:
       t_mark = time.time()
-  images_per_s = (timed_steps * config.batch_size / timed_seconds
-                  if timed_seconds > 0 else float("nan"))
-  return {"train_images_per_s": images_per_s}
+  if timed_seconds == 0:
+    return float("nan")
+  return timed_steps * config.batch_size * len(replicas) / timed_seconds

@@ -25,6 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for all runs and results
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per objective.")
 _OBJECTIVES = flags.DEFINE_list("objectives", ["ce", "gini", "kl", "gini_kl"],
                                 "Objectives to compare.")
+_VMAP_SEEDS = flags.DEFINE_bool(
+    "vmap_seeds", False,
+    "Train each objective's seeds together: one jitted step vmapped over the "
+    "seed replicas (for small models that leave the machine idle).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,7 +42,8 @@ def main(argv):
   try:
     results = compare.run_comparison(_CONFIG.value, _WORKDIR.value,
                                      objectives=_OBJECTIVES.value,
-                                     seeds=_SEEDS.value)
+                                     seeds=_SEEDS.value,
+                                     vmap_seeds=_VMAP_SEEDS.value)
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.flush()
     print(f"error: {one_line(e)}", file=sys.stderr)
