@@ -10,7 +10,6 @@ available here (no internet for CIFAR-100/Caltech-101) is reported as such.
 
 import json
 import os
-import time
 
 from absl import app
 from absl import flags
@@ -26,26 +25,14 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Batches timed after 10 warm-up batc
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data folder.")
 
 
-def measure(name: str, batch_size: int, steps: int, data_dir=None) -> float:
-  """Images/s of the augmented training iterator, after a warm-up."""
-  from discrim_jax import data  # pylint: disable=g-import-not-at-top
-  dataset = data.Dataset(name, data_dir=data_dir)
-  dataset.arrays("train")
-  it = data.make_iterator(dataset, "train", batch_size, train=True)
-  for _ in range(10):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  return steps * batch_size / (time.perf_counter() - start)
-
-
 def main(argv):
   del argv
+  from discrim_jax.data import measure_throughput  # pylint: disable=g-import-not-at-top
   rows = {}
   for name in _DATASETS.value:
     try:
-      rows[name] = measure(name, _BATCH.value, _STEPS.value, _DATA_DIR.value)
+      rows[name] = measure_throughput(name, _BATCH.value, _STEPS.value,
+                                      data_dir=_DATA_DIR.value)
     except Exception as e:  # pylint: disable=broad-except
       rows[name] = f"not available here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
   print(f"| data set | training pipeline, images/s (batch {_BATCH.value}) |")

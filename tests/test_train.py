@@ -18,6 +18,8 @@ from discrim_jax.config_lib import parse_arg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from discrim_jax.data.synthetic import SyntheticDataset  # noqa: E402
+from experiments.configs import caltech101 as caltech101_config  # noqa: E402
 from experiments.configs import cifar100 as cifar100_config  # noqa: E402
 from experiments.configs import fashion_mnist as fashion_config  # noqa: E402
 
@@ -267,3 +269,25 @@ def test_cli_unknown_field_is_rejected(tmp_path):
                 f"--workdir={tmp_path}", "--config.modle=resnet18")
   assert result.returncode != 0
   assert "modle" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config_file,shape,num_classes", [
+    ("cifar100", (32, 32, 3), 100), ("caltech101", (224, 224, 3), 102)])
+@pytest.mark.parametrize("model", ["resnet17", "resnet18", "resnet50", "cvt13"])
+def test_every_paper_config_builds_its_first_step(config_file, shape, num_classes,
+                                                  model):
+  """Traces and lowers the first train step of each paper config (no compile:
+  full-size models would take minutes each on 2 cores)."""
+  module = cifar100_config if config_file == "cifar100" else caltech101_config
+  config = module.get_config(f"model={model},objective=gini_kl")
+  config.unlock()
+  config.num_devices = 1
+  trainer = train.build(config, dataset=SyntheticDataset(
+      num_classes=num_classes, image_shape=shape, num_examples=config.batch_size))
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *shape), np.float32),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32),
+           "mask": jax.ShapeDtypeStruct((config.batch_size,), np.float32)}
+  lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+  _, metrics = lowered.out_info
+  layer = config.loss.layers[0]
+  assert {f"gini/{layer}", f"kl/{layer}", "ce", "loss"} <= set(metrics)

@@ -2,7 +2,8 @@
 
 from discrim_jax.data.pipeline import (DATASETS, Dataset, DatasetInfo,
                                        check_labels, get_info, make_iterator,
+                                       measure_throughput,
                                        steps_per_epoch, to_global_batch)
 
 __all__ = ["DATASETS", "Dataset", "DatasetInfo", "check_labels", "get_info",
-           "make_iterator", "steps_per_epoch", "to_global_batch"]
+           "make_iterator", "measure_throughput", "steps_per_epoch", "to_global_batch"]
