@@ -36,3 +36,20 @@ def enable_compilation_cache() -> None:
       os.path.expanduser("~"), ".cache", "discrim_jax", "jax_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_with_one_line_errors(fn):
+  """Runs ``fn()`` for an entry point: quiet library logs, the compilation
+  cache, and a one-line ``error: ...`` with exit status 1 for the errors a
+  user can act on (bad config values, missing data, NaN, unreadable
+  checkpoints)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  train.quiet_library_logs()
+  enable_compilation_cache()
+  try:
+    return fn()
+  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+    logging.flush()
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.exit(1)

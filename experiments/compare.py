@@ -7,14 +7,12 @@ Finished runs are not redone; rerun the same command to resume.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from discrim_jax.cli import enable_compilation_cache, one_line, parse_flags
+from discrim_jax.cli import parse_flags, run_with_one_line_errors
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -36,18 +34,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from discrim_jax import compare  # pylint: disable=g-import-not-at-top
-  from discrim_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
-  enable_compilation_cache()
-  try:
-    results = compare.run_comparison(_CONFIG.value, _WORKDIR.value,
-                                     objectives=_OBJECTIVES.value,
-                                     seeds=_SEEDS.value,
-                                     vmap_seeds=_VMAP_SEEDS.value)
-  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
-    logging.flush()
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(1)
+  results = run_with_one_line_errors(lambda: compare.run_comparison(
+      _CONFIG.value, _WORKDIR.value, objectives=_OBJECTIVES.value,
+      seeds=_SEEDS.value, vmap_seeds=_VMAP_SEEDS.value))
   print(compare.markdown_table(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 

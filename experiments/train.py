@@ -7,14 +7,12 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from discrim_jax.cli import enable_compilation_cache, one_line, parse_flags
+from discrim_jax.cli import parse_flags, run_with_one_line_errors
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,16 +32,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that --help stays fast and TF/JAX start after flag parsing.
   from discrim_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
-  enable_compilation_cache()
-  try:
+
+  def run():
     config = _CONFIG.value  # a config file that fails to load raises here
     train.maybe_initialize_distributed(_DISTRIBUTED.value)
-    summary = train.train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
-    logging.flush()
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(1)
+    return train.train_and_evaluate(config, _WORKDIR.value)
+
+  summary = run_with_one_line_errors(run)
   print(f"test accuracy {summary['test_accuracy']:.4f} (best validation "
         f"{summary['best_validation_accuracy']:.4f} at step "
         f"{summary['best_validation_step']}); summary in "

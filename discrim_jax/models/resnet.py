@@ -36,6 +36,15 @@ Dtype = Any
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def _conv_and_norm(dtype, train: bool):
+  """Bias-free convolution and BatchNorm (PyTorch's momentum and eps)."""
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
+                           kernel_init=_conv_init)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                           momentum=0.9, epsilon=1e-5, dtype=dtype)
+  return conv, norm
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with an identity or projection shortcut."""
   features: int
@@ -46,10 +55,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_conv_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     y = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
@@ -70,10 +76,7 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_conv_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     out = self.features * self.expansion
     y = conv(self.features, (1, 1), name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
@@ -114,10 +117,7 @@ class ResNet(nn.Module):
           f"unknown stem {self.stem!r}; use 'cifar' (3x3 stride 1, no "
           "max-pool) or 'imagenet' (7x7 stride 2 + max-pool)")
     width = max(1, round(64 * self.width_multiplier))
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_conv_init)
+    conv, norm = _conv_and_norm(self.dtype, train)
     features = {}
     x = images.astype(self.dtype)
     if self.stem == "imagenet":
