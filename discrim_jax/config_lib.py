@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = "resnet18"
   c.model_kwargs = ml_collections.ConfigDict()
+  # Start from pretrained weights: a torchvision/CvT PyTorch file or a folder
+  # written by experiments/convert.py ("" = from scratch). Used only when the
+  # workdir has no checkpoint yet; a head of another size is re-initialised.
+  c.init_from = ""
 
   c.objective = "gini_kl"  # one of ce, gini, kl, gini_kl
   c.loss = ml_collections.ConfigDict()

@@ -482,6 +482,19 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
                       out_shardings=state_sharding))
 
 
+def _load_pretrained(trainer: Trainer, state: TrainState) -> TrainState:
+  from discrim_jax import pretrained  # pylint: disable=g-import-not-at-top
+  variables = jax.device_get({"params": state.params,
+                              "batch_stats": state.batch_stats})
+  loaded = pretrained.load_pretrained(trainer.config.init_from,
+                                      trainer.config.model, variables)
+  logging.info("Initialised from %s", trainer.config.init_from)
+  new = state.replace(params=loaded["params"],
+                      batch_stats=loaded.get("batch_stats", {}),
+                      opt_state=state.tx.init(loaded["params"]))
+  return jax.device_put(new, trainer.state_sharding)
+
+
 def _checkpoint_manager(config, workdir: Path) -> ocp.CheckpointManager:
   best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
   options = ocp.CheckpointManagerOptions(
@@ -563,6 +576,8 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
       logging.info("Resumed from the checkpoints of step %d", latest[0])
     else:
       states = [trainer.init_state(seed) for seed in seeds]
+      if config.init_from:
+        states = [_load_pretrained(trainer, state) for state in states]
     step = latest[0] or 0
     for r in replicas:
       r.log = MetricsLog(r.workdir, step)

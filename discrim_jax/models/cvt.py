@@ -37,6 +37,12 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,  # the official CvT code
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF transformers
+}
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per sample (rng 'dropout')."""
   rate: float
@@ -104,6 +110,7 @@ class Block(nn.Module):
   mlp_ratio: float
   drop_path: float
   with_cls_token: bool
+  activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -117,7 +124,7 @@ class Block(nn.Module):
     x = x + drop(y, deterministic=not train)
     y = norm(name="norm2")(x)
     y = dense(int(dim * self.mlp_ratio), name="mlp_fc1")(y)
-    y = dense(dim, name="mlp_fc2")(quick_gelu(y))
+    y = dense(dim, name="mlp_fc2")(ACTIVATIONS[self.activation](y))
     return x + drop(y, deterministic=not train)
 
 
@@ -137,6 +144,8 @@ class CvT(nn.Module):
   patch_paddings: Sequence[int] = (2, 1, 1)
   drop_path_rates: Sequence[float] = (0.0, 0.0, 0.1)
   mlp_ratio: float = 4.0
+  # "quick_gelu" as in the official code; "gelu" matches Hugging Face's port.
+  activation: str = "quick_gelu"
   width_multiplier: float = 1.0
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
@@ -146,6 +155,9 @@ class CvT(nn.Module):
     if images.ndim != 4:
       raise ValueError(
           f"expected NHWC images of rank 4, got shape {images.shape}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; use one of "
+                       f"{sorted(ACTIVATIONS)}")
     features = {}
     x = images.astype(self.dtype)
     num_stages = len(self.dims)
@@ -167,7 +179,8 @@ class CvT(nn.Module):
       rates = np.linspace(0.0, self.drop_path_rates[s], self.depths[s])
       for j in range(self.depths[s]):
         x = Block(self.heads[s], self.mlp_ratio, float(rates[j]),
-                  with_cls_token=last, dtype=self.dtype,
+                  with_cls_token=last, activation=self.activation,
+                  dtype=self.dtype,
                   name=f"stage{s + 1}_block{j + 1}")(x, (h, w), train=train)
       if last:
         cls, x = x[:, 0], x[:, 1:]

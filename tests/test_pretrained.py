@@ -1,0 +1,168 @@
+"""Pretrained import: same weights, same logits as the PyTorch reference models.
+
+The checkpoints are made here from randomly initialised reference models
+(torchvision's ResNets, Hugging Face's CvT), with random BatchNorm statistics
+so that those are checked too; nothing is downloaded.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from discrim_jax import models, pretrained
+
+try:
+  import torch
+  import torchvision
+  import transformers
+except ImportError as e:  # A failure with the reason, never a silent skip.
+  raise ImportError(
+      f"the pretrained-import tests need torch, torchvision and transformers ({e}); "
+      "`make test` installs them (pip install -e '.[test,pretrained]')") from e
+
+SIZE = 64  # enough for every stride of the ImageNet stem / CvT embeddings
+
+
+def _randomize_bn(module, seed=0):
+  # Random statistics, and scales below 1 so that a deep random ResNet's
+  # logits stay O(1): the 1e-4 bound is then a relative bound too.
+  gen = torch.Generator().manual_seed(seed)
+  for m in module.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+      m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+      m.weight.data.copy_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.1)
+      m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+def _numpy_state(module):
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _torch_logits(module, images):
+  with torch.no_grad():
+    out = module(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def _ours(name, num_classes, state, **overrides):
+  model = models.create_model(name, num_classes=num_classes, **overrides)
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+  converted = pretrained.convert(state, variables,
+                                 architecture=pretrained.architecture_of(name))
+  return model, variables, converted
+
+
+def _images(n=2, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_resnet_same_logits(name):
+  torch.manual_seed(0)
+  reference = getattr(torchvision.models, name)(weights=None).eval()
+  _randomize_bn(reference)
+  model, _, converted = _ours(name, 1000, _numpy_state(reference), stem="imagenet")
+  assert converted.pop("head_reinitialized") is False
+  images = _images()
+  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(converted, images)
+  expected = _torch_logits(reference, images)
+  assert np.abs(expected).max() > 0.01  # not a degenerate comparison
+  assert np.abs(np.asarray(logits) - expected).max() < 1e-4
+
+
+def test_huggingface_cvt13_same_logits(tmp_path):
+  torch.manual_seed(0)
+  reference = transformers.CvtForImageClassification(
+      transformers.CvtConfig(num_labels=1000)).eval()
+  _randomize_bn(reference)
+  state = _numpy_state(reference)
+  # Hugging Face's port uses exact GELU where the official code has QuickGELU.
+  model, _, converted = _ours("cvt13", 1000, state, activation="gelu")
+  converted.pop("head_reinitialized")
+  images = _images()
+  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(converted, images)
+  assert np.abs(np.asarray(logits) - _torch_logits(reference, images)).max() < 1e-4
+  # Microsoft's original names (what its .pth holds) convert to the same weights.
+  microsoft = pretrained.hf_cvt_to_microsoft(state)
+  assert "stage2.blocks.0.attn.conv_proj_q.conv.weight" in microsoft
+  path = tmp_path / "CvT-13-224x224-IN-1k.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in microsoft.items()}, path)
+  again = pretrained.convert(pretrained.load_state_dict(path), converted,
+                             architecture="cvt")
+  again.pop("head_reinitialized")
+  jax.tree.map(np.testing.assert_array_equal, again, converted)
+
+
+def test_head_reinitialized_for_another_number_of_classes(tmp_path):
+  reference = torchvision.models.resnet18(weights=None)
+  path = tmp_path / "resnet18.pth"
+  torch.save(reference.state_dict(), path)
+  model = models.create_model("resnet18", num_classes=10, stem="imagenet")
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+  loaded = pretrained.load_pretrained(path, "resnet18", variables)
+  np.testing.assert_array_equal(loaded["params"]["head"]["kernel"],
+                                variables["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(
+      loaded["params"]["stem_conv"]["kernel"],
+      reference.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named():
+  state = _numpy_state(torchvision.models.resnet18(weights=None))
+  model = models.create_model("resnet18", num_classes=1000, stem="imagenet")
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))
+  broken = dict(state)
+  del broken["layer2.0.conv1.weight"]
+  broken["layer9.0.conv1.weight"] = state["layer1.0.conv1.weight"]
+  with pytest.raises(ValueError, match=r"missing keys \['layer2.0.conv1.weight'\].*"
+                     r"unexpected keys \['layer9.0.conv1.weight'\]"):
+    pretrained.convert(broken, variables, architecture="resnet")
+  r50 = _numpy_state(torchvision.models.resnet50(weights=None))
+  with pytest.raises(ValueError, match="does not fit this resnet"):
+    pretrained.convert(r50, variables, architecture="resnet")
+  with pytest.raises(ValueError, match="no pretrained import for 'resnet17'"):
+    pretrained.architecture_of("resnet17")
+  with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+    pretrained.load_state_dict("/nonexistent/resnet.pth")
+
+
+def test_convert_cli_and_training_from_it(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
+  from tests.test_train import smoke_config  # pylint: disable=g-import-not-at-top
+
+  reference = torchvision.models.resnet18(weights=None)
+  path = tmp_path / "resnet18.pth"
+  torch.save(reference.state_dict(), path)
+  repo = Path(__file__).resolve().parents[1]
+  out = tmp_path / "converted"
+  cmd = [sys.executable, str(repo / "experiments" / "convert.py"), "--model=resnet18",
+         f"--checkpoint={path}", f"--out={out}", "--image_size=64"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(repo)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  # Running it again must not overwrite what it wrote.
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(repo)))
+  assert again.returncode == 1 and "exists" in again.stderr
+
+  config = smoke_config(**{"model_kwargs.width_multiplier": 1.0})
+  config.unlock()
+  config.model_kwargs.stem = "imagenet"
+  config.init_from = str(out)
+  trainer = train.build(config, dataset=SyntheticDataset(num_classes=7,
+                                                         image_shape=(64, 64, 3)))
+  state = train._load_pretrained(trainer, trainer.init_state(0))  # pylint: disable=protected-access
+  np.testing.assert_allclose(
+      np.asarray(state.params["stage2_block1"]["conv1"]["kernel"]),
+      reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+  assert state.params["head"]["kernel"].shape == (512, 7)  # re-initialised head
