@@ -243,9 +243,11 @@ class MetricsLog:
     self.path = workdir / "metrics.jsonl"
     if self._primary and self.path.exists():
       # Records after the restored checkpoint belong to the lost tail of an
-      # interrupted run; the resumed run writes them again.
+      # interrupted run, and the test record to the end of a finished one:
+      # this run writes them again.
       kept = [line for line in self.path.read_text().splitlines()
-              if line and json.loads(line)["step"] <= restored_step]
+              if line and json.loads(line)["step"] <= restored_step
+              and json.loads(line)["split"] != "test"]
       self.path.write_text("".join(k + "\n" for k in kept))
     self.writer = metric_writers.create_default_writer(
         str(workdir), just_logging=not self._primary, asynchronous=False)
