@@ -548,7 +548,9 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
   The seeds' models and optimizer states are stacked and trained by one
   ``jax.vmap``-ed, jitted step (one compile, N models); each seed keeps its own
   data order, workdir, checkpoints, metrics and summary, which equal those of
-  training it alone. Worth it for small models that leave the machine idle.
+  training it alone up to float rounding (the batched convolutions round
+  differently; training amplifies that over many steps, as it does any
+  rounding). Worth it for small models that leave the machine idle.
   Returns ``{seed: summary}``.
   """
   seeds = list(workdirs)
