@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup data run test bench clean
+.PHONY: setup data run test bench bench-input clean
 
 setup: $(STAMP)
 
@@ -46,7 +46,11 @@ run: setup data
 test: setup data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q tests
 
+# Speed figures: the train/eval steps, the losses' overhead, PyTorch side by side.
 bench: setup data
+	$(BIN)/python experiments/bench.py --out=bench.json
+
+bench-input: setup data
 	$(BIN)/python experiments/bench_input.py
 
 clean:

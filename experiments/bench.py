@@ -1,7 +1,8 @@
 r"""Benchmark: train/eval step throughput, loss overhead, input pipeline, PyTorch.
 
   python experiments/bench.py [--models=resnet18,resnet50,cvt13] [--batch_size=64]
-      [--dtype=float32|bfloat16] [--steps=5] [--torch] [--out=bench.json]
+      [--dtypes=float32,bfloat16] [--bf16_models=resnet18] [--steps=5]
+      [--notorch] [--out=bench.json]
 
 Everything is measured in this one process and run, on synthetic 32x32x3 data
 with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
@@ -32,8 +33,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _MODELS = flags.DEFINE_list("models", ["resnet18", "resnet50", "cvt13"], "Models.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Compute dtype of the JAX models (params stay float32).")
+_DTYPES = flags.DEFINE_list(
+    "dtypes", ["float32", "bfloat16"],
+    "Compute dtypes of the JAX models to measure (parameters stay float32).")
+_BF16_MODELS = flags.DEFINE_list(
+    "bf16_models", ["resnet18"], "Models also measured in the other dtypes.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch's ResNet-18 step.")
@@ -140,16 +144,20 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   batch, steps, warmup = _BATCH.value, _STEPS.value, _WARMUP.value
-  results = {"batch_size": batch, "dtype": _DTYPE.value,
+  results = {"batch_size": batch,
              "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(),
              "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": {}}
-  for model in _MODELS.value:
-    ce = bench_jax(model, batch, _DTYPE.value, steps, warmup, with_losses=False)
-    full = bench_jax(model, batch, _DTYPE.value, steps, warmup, with_losses=True)
-    results["models"][model] = {
-        "ce_only": ce, "ce_gini_kl": full,
+  first, *others = _DTYPES.value
+  runs = [(m, first) for m in _MODELS.value]
+  runs += [(m, d) for d in others for m in _MODELS.value if m in _BF16_MODELS.value]
+  for model, dtype in runs:
+    ce = bench_jax(model, batch, dtype, steps, warmup, with_losses=False)
+    full = bench_jax(model, batch, dtype, steps, warmup, with_losses=True)
+    key = model if dtype == first else f"{model} ({dtype})"
+    results["models"][key] = {
+        "dtype": dtype, "ce_only": ce, "ce_gini_kl": full,
         "loss_overhead": ce["train_images_per_s"] / full["train_images_per_s"] - 1}
-    print(f"{model}: {json.dumps(results['models'][model])}", flush=True)
+    print(f"{key}: {json.dumps(results['models'][key])}", flush=True)
   if _INPUT.value:
     from discrim_jax.data import measure_throughput  # pylint: disable=g-import-not-at-top
     results["input_images_per_s"] = {
@@ -163,7 +171,8 @@ def main(argv):
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
   print()
-  print(f"Batch {batch}, {_DTYPE.value}, {results['cpus']} CPUs ({results['device']})")
+  print(f"Batch {batch}, {results['cpus']} CPUs ({results['device']}), "
+        f"XLA_FLAGS={results['xla_flags'] or '(none)'}")
   print()
   print("| model | train img/s, CE | train img/s, CE+Gini+KL | loss overhead "
         "| eval img/s | compile s (train) |")
