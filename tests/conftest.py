@@ -6,6 +6,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# torchvision's compiled ops segfault when they load after TensorFlow in one
+# process (seen with torch 2.14.1 + torchvision 0.29.1 + tensorflow-cpu 2.21),
+# and transformers' CvT imports torchvision. Load them first; where they are
+# missing, tests/test_pretrained.py fails with a message saying what to install.
+try:
+  import torchvision  # noqa: E402,F401  pylint: disable=unused-import
+  import transformers.models.cvt  # noqa: E402,F401  pylint: disable=unused-import
+except ImportError:
+  pass
+
 import jax  # noqa: E402
 
 # Tests compile many small programs once each: trade run time for compile time.
