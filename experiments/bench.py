@@ -22,6 +22,8 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -43,6 +45,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch's ResNet-18 step.")
 _INPUT = flags.DEFINE_bool("input", True, "Also time the input pipeline.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here as well.")
+_TORCH_ONLY = flags.DEFINE_bool("torch_only", False, "Internal: the PyTorch child.")
 
 
 def _median_rate(fn, steps, warmup, batch):
@@ -142,6 +145,9 @@ def bench_torch(batch, steps, warmup):
 
 def main(argv):
   del argv
+  if _TORCH_ONLY.value:
+    print(json.dumps(bench_torch(_BATCH.value, _STEPS.value, _WARMUP.value)))
+    return
   import jax  # pylint: disable=g-import-not-at-top
   batch, steps, warmup = _BATCH.value, _STEPS.value, _WARMUP.value
   results = {"batch_size": batch,
@@ -163,7 +169,13 @@ def main(argv):
     results["input_images_per_s"] = {
         "fashion_mnist": measure_throughput("fashion_mnist", batch, 200)}
   if _TORCH.value:
-    results["torch_resnet18"] = bench_torch(batch, steps, warmup)
+    # In a child process: PyTorch's compiled extensions (torch.optim loads
+    # torch._dynamo) segfault when they load after TensorFlow.
+    child = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--torch_only",
+         f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}"],
+        capture_output=True, text=True, check=True)
+    results["torch_resnet18"] = json.loads(child.stdout.strip().splitlines()[-1])
     if "resnet18" in results["models"]:
       results["jax_over_torch_resnet18"] = (
           results["models"]["resnet18"]["ce_only"]["train_images_per_s"]
