@@ -209,8 +209,6 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path)
     ("optimizer.lr", -1.0, r"lr must be > 0"),
 ])
 def test_config_errors(field, value, match):
-  config = smoke_config(num_devices=-1)
-  config[field.split(".")[0]]  # the field exists
   with pytest.raises(train.ConfigError, match=match):
     train.validate_config(smoke_config(**{"num_devices": -1, field: value}))
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from discrim_jax.models.common import check_images
+
 Dtype = Any
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -152,9 +154,7 @@ class CvT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    if images.ndim != 4:
-      raise ValueError(
-          f"expected NHWC images of rank 4, got shape {images.shape}")
+    check_images(images)
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; use one of "
                        f"{sorted(ACTIVATIONS)}")

@@ -30,6 +30,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from discrim_jax.models.common import check_images
+
 Dtype = Any
 
 # He-normal in fan-out mode, as torchvision initialises its ResNets.
@@ -109,9 +111,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    if images.ndim != 4:
-      raise ValueError(
-          f"expected NHWC images of rank 4, got shape {images.shape}")
+    check_images(images)
     if self.stem not in ("cifar", "imagenet"):
       raise ValueError(
           f"unknown stem {self.stem!r}; use 'cifar' (3x3 stride 1, no "
