@@ -59,6 +59,12 @@ class TrainState(train_state.TrainState):
   rng: Any = None
 
 
+# Library fusions XLA:CPU can hand to YNNPACK (config.xla_cpu_ynn_fusion).
+YNN_FUSION_TYPES = ("dot", "reduce", "eltwise")
+# Config fields that change speed, not results: a run may resume with others.
+SPEED_ONLY_FIELDS = ("xla_cpu_ynn_fusion",)
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message names it and the way out."""
 
@@ -101,6 +107,12 @@ def validate_config(config) -> None:
   if config.schedule.name not in ("step", "cosine", "constant"):
     raise ConfigError(f"unknown schedule {config.schedule.name!r}; use 'step', "
                       "'cosine' or 'constant' (--config.schedule.name=...)")
+  unknown = set(_ynn_fusion_types(config)) - set(YNN_FUSION_TYPES)
+  if unknown:
+    raise ConfigError(
+        f"config.xla_cpu_ynn_fusion={config.xla_cpu_ynn_fusion!r} names "
+        f"{sorted(unknown)}; use a comma-separated subset of "
+        f"{list(YNN_FUSION_TYPES)}, or '' to turn YNNPACK fusion off")
   if config.num_devices > jax.device_count():
     raise ConfigError(
         f"config.num_devices={config.num_devices} but only {jax.device_count()} "
@@ -111,6 +123,20 @@ def validate_config(config) -> None:
       raise ConfigError(
           f"config.{field}={config[field]} is not divisible by the {n} devices; "
           f"use a multiple of {n}")
+
+
+def _ynn_fusion_types(config) -> list[str]:
+  return [k.strip() for k in config.get("xla_cpu_ynn_fusion", "").split(",")
+          if k.strip()]
+
+
+def compiler_options(config, platform: str) -> dict[str, Any]:
+  """XLA options for the jitted steps on ``platform`` (from the config)."""
+  kinds = _ynn_fusion_types(config)
+  if platform != "cpu" or not kinds:
+    return {}
+  return {"xla_cpu_experimental_ynn_fusion_type": ",".join(
+      f"LIBRARY_FUSION_TYPE_{k.upper()}" for k in kinds)}
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,6 +155,9 @@ def check_workdir_config(config, workdir: Path) -> None:
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     saved = json.loads(path.read_text())
+    for field in SPEED_ONLY_FIELDS:
+      saved.pop(field, None)
+      current.pop(field, None)
     if saved != current:
       a, b = _flat(saved), _flat(current)
       diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
@@ -430,6 +459,7 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   replica_batch_sharding = NamedSharding(mesh, P(None, "data"))
+  options = compiler_options(config, devices[0].platform)
 
   steps_per_epoch = data_lib.steps_per_epoch(dataset, config.batch_size)
   if steps_per_epoch == 0:
@@ -467,15 +497,17 @@ def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
       schedule=schedule,
       train_step=jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated),
-                         donate_argnums=0),
+                         donate_argnums=0, compiler_options=options),
       eval_step=jax.jit(evaluate, in_shardings=(state_sharding, batch_sharding),
-                        out_shardings=replicated),
+                        out_shardings=replicated, compiler_options=options),
       replica_train_step=jax.jit(
           jax.vmap(step), in_shardings=(replicated, replica_batch_sharding),
-          out_shardings=(replicated, replicated), donate_argnums=0),
+          out_shardings=(replicated, replicated), donate_argnums=0,
+          compiler_options=options),
       replica_eval_step=jax.jit(
           jax.vmap(evaluate, in_axes=(0, None)),
-          in_shardings=(replicated, batch_sharding), out_shardings=replicated),
+          in_shardings=(replicated, batch_sharding), out_shardings=replicated,
+          compiler_options=options),
       init_state=jax.jit(init_state, out_shardings=state_sharding),
       abstract_state=abstract_state,
       stack=jax.jit(lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states),

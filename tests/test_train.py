@@ -207,6 +207,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path)
     ("batch_size", 60, r"batch_size=60 is not divisible by the 8 devices"),
     ("num_devices", 16, r"num_devices=16 but only 8 devices"),
     ("optimizer.lr", -1.0, r"lr must be > 0"),
+    ("xla_cpu_ynn_fusion", "dot,conv",
+     r"xla_cpu_ynn_fusion='dot,conv' names \['conv'\].*'' to turn"),
 ])
 def test_config_errors(field, value, match):
   with pytest.raises(train.ConfigError, match=match):
@@ -227,6 +229,46 @@ def test_workdir_with_other_config_is_refused(fashion, tmp_path):
                      match=r"different config \(objective: 'gini_kl' -> 'ce'\).*new --workdir"):
     train.check_workdir_config(smoke_config(objective="ce"), tmp_path)
   assert (tmp_path / "config.json").read_text() == before
+
+
+def test_workdir_resumes_with_other_speed_only_fields(tmp_path):
+  train.check_workdir_config(smoke_config(), tmp_path)
+  train.check_workdir_config(smoke_config(xla_cpu_ynn_fusion=""), tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["xla_cpu_ynn_fusion"] == "dot,reduce"
+
+
+def _ynn_fusions(hlo):
+  """The op names of the fusions XLA:CPU handed to YNNPACK."""
+  return [line.split("op_name=")[-1] for line in hlo.splitlines()
+          if "kind=kCustom" in line and "__ynn_fusion" in line]
+
+
+def test_ynn_fusion_reaches_the_compiled_step_and_keeps_the_numbers(fashion):
+  assert train.compiler_options(smoke_config(), "gpu") == {}
+  assert train.compiler_options(smoke_config(xla_cpu_ynn_fusion=""), "cpu") == {}
+  runs = {}
+  for kinds in ("dot,reduce", "dot", ""):
+    config = smoke_config(xla_cpu_ynn_fusion=kinds)
+    trainer = train.build(config, dataset=fashion)
+    state = trainer.init_state(config.seed)
+    batch = next(trainer.batches("train", train=True))
+    hlo = trainer.train_step.lower(state, batch).compile().as_text()
+    runs[kinds] = _ynn_fusions(hlo), jax.device_get(trainer.train_step(state, batch)[1])
+  # BatchNorm's and the losses' reductions go to YNNPACK only when asked for,
+  # and the convolutions don't (XLA's own kernels are faster on CPU).
+  assert any("reduce_sum" in op for op in runs["dot,reduce"][0])
+  assert not any("reduce_sum" in op for op in runs["dot"][0])
+  assert not any("conv_general_dilated" in op
+                 for kinds in ("dot,reduce", "dot") for op in runs[kinds][0])
+  # The default's numbers are XLA's default's (same reduction kernels) ...
+  chex.assert_trees_all_close(runs["dot,reduce"][1], runs[""][1],
+                              rtol=1e-5, atol=1e-6)
+  # ... and XLA's own reduction order moves grad_norm by ~1e-3 relative: the
+  # tiny net has near-constant BatchNorm channels whose fast variance
+  # (E[x^2] - E[x]^2) amplifies rounding.
+  chex.assert_trees_all_close(runs["dot,reduce"][1], runs["dot"][1],
+                              rtol=5e-3, atol=1e-5)
 
 
 def test_corrupt_checkpoint_gives_clear_error_and_is_kept(fashion, tmp_path):
