@@ -1,21 +1,30 @@
-r"""Benchmark: train/eval step throughput, loss overhead, input pipeline, PyTorch.
+r"""Benchmark: train/eval step throughput, loss overhead, XLA levers, PyTorch.
 
   python experiments/bench.py [--models=resnet18,resnet50,cvt13] [--batch_size=64]
-      [--dtypes=float32,bfloat16] [--bf16_models=resnet18] [--steps=5]
-      [--notorch] [--out=bench.json]
+      [--dtypes=float32,bfloat16] [--bf16_models=resnet18] [--rounds=5]
+      [--steps_per_round=2] [--levers] [--notorch] [--out=bench.json]
 
 Everything is measured in this one process and run, on synthetic 32x32x3 data
 with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
 
 * train step images/s with CE only (no auxiliary statistics computed) and with
-  CE+Gini+KL on the last stage; their ratio is the loss overhead;
-* eval step images/s; compile times; peak host memory (max RSS);
-* the input pipeline alone (``data.measure_throughput``) on Fashion-MNIST;
+  CE+Gini+KL on the last stage; their ratio is the loss overhead. The two
+  compiled steps are timed in alternating rounds (``--rounds`` rounds of
+  ``--steps_per_round`` steps each) so that a slow spell of a shared machine
+  hits both; figures are medians over all timed steps, compile time apart;
+* eval step images/s; peak host memory (max RSS);
+* ``--levers``: the ResNet-18 CE step compiled with each set of XLA:CPU
+  options in ``LEVERS`` from one lowering, timed in alternating rounds; the
+  speed-up is against XLA's defaults;
+* the input pipeline alone (``data.measure_throughput``) on Fashion-MNIST,
+  and its rate over the ResNet-18 train step's consumption;
 * with ``--torch`` (the optional ``bench`` dependency group), the same
   ResNet-18 training step in PyTorch (channels-last, same batch, SGD with
-  momentum, CIFAR stem), timed in the same run: the JAX/PyTorch ratio.
+  momentum, CIFAR stem), in a child process whose steps take their turn in
+  the JAX ResNet-18 rounds: the JAX/PyTorch ratio.
 
-Figures are medians of ``--steps`` timed steps after ``--warmup`` untimed ones.
+The JAX steps are the training app's own (``train.build``), so they use the
+config's defaults, ``xla_cpu_ynn_fusion="dot,reduce"`` included.
 """
 
 import json
@@ -40,27 +49,56 @@ _DTYPES = flags.DEFINE_list(
     "Compute dtypes of the JAX models to measure (parameters stay float32).")
 _BF16_MODELS = flags.DEFINE_list(
     "bf16_models", ["resnet18"], "Models also measured in the other dtypes.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
+_STEPS = flags.DEFINE_integer("steps_per_round", 2, "Timed steps per round.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_LEVERS = flags.DEFINE_bool("levers", True, "Also time LEVERS on ResNet-18.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch's ResNet-18 step.")
 _INPUT = flags.DEFINE_bool("input", True, "Also time the input pipeline.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here as well.")
 _TORCH_ONLY = flags.DEFINE_bool("torch_only", False, "Internal: the PyTorch child.")
 
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+# XLA:CPU option sets tried on the ResNet-18 step (--levers).
+LEVERS = {
+    "XLA defaults": {},
+    "YNNPACK dot,reduce (our default)": {
+        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+    "YNNPACK dot,reduce,eltwise": {
+        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
+              "LIBRARY_FUSION_TYPE_ELTWISE"},
+    "YNNPACK dot only": {_YNN: "LIBRARY_FUSION_TYPE_DOT"},
+    "dot,reduce + fast math": {
+        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+        "xla_cpu_enable_fast_math": True},
+    "dot,reduce + concurrency scheduler": {
+        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+        "xla_cpu_enable_concurrency_optimized_scheduler": True},
+    "XNNPACK": {"xla_cpu_use_xnnpack": True},
+    "oneDNN": {"xla_cpu_use_onednn": True,
+               "xla_cpu_experimental_onednn_custom_call": True},
+}
 
-def _median_rate(fn, steps, warmup, batch):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return batch / statistics.median(times)
+
+def _interleaved_rates(fns, batch):
+  """images/s of each no-argument step in ``fns``, timed in alternating rounds."""
+  for fn in fns.values():
+    for _ in range(_WARMUP.value):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(_ROUNDS.value):
+    for name, fn in fns.items():
+      # Let the last step's worker threads (XLA's, or the PyTorch child's
+      # OpenMP threads) stop spinning before the next step is timed.
+      time.sleep(0.3)
+      for _ in range(_STEPS.value):
+        t = time.perf_counter()
+        own = fn()  # a step that times itself returns its duration
+        times[name].append(own if own is not None else time.perf_counter() - t)
+  return {name: batch / statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_jax(model, batch, dtype, steps, warmup, with_losses):
-  import jax  # pylint: disable=g-import-not-at-top
+def _trainer(model, batch, dtype, with_losses, **overrides):
   from discrim_jax import config_lib, train  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
@@ -70,34 +108,76 @@ def bench_jax(model, batch, dtype, steps, warmup, with_losses):
   config.num_epochs = 1
   if not with_losses:
     config.loss.layers = ()  # CE only: no auxiliary statistics at all
-  trainer = train.build(config, dataset=SyntheticDataset(num_examples=batch * 4))
-  state = trainer.init_state(0)
-  batches = trainer.batches("train", train=True)
-  images = next(batches)
-  t = time.perf_counter()
-  state, metrics = trainer.train_step(state, images)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t
+  config.update(overrides)
+  return train.build(config, dataset=SyntheticDataset(num_examples=batch * 4))
+
+
+def _stepper(executable, state, images):
+  """A no-argument function running one step; the state is threaded through."""
+  import jax  # pylint: disable=g-import-not-at-top
   holder = {"state": state}
 
   def step():
-    holder["state"], m = trainer.train_step(holder["state"], images)
-    jax.block_until_ready(m)
+    holder["state"], metrics = executable(holder["state"], images)
+    jax.block_until_ready(metrics)
+  return step
 
-  rate = _median_rate(step, steps, warmup, batch)
-  out = {"train_images_per_s": rate, "train_compile_s": compile_s}
-  if with_losses:
-    eval_batch = next(trainer.batches("validation", train=False))
-    t = time.perf_counter()
-    jax.block_until_ready(trainer.eval_step(holder["state"], eval_batch))
-    out["eval_compile_s"] = time.perf_counter() - t
-    out["eval_images_per_s"] = _median_rate(
-        lambda: jax.block_until_ready(trainer.eval_step(holder["state"], eval_batch)),
-        steps, warmup, batch)
+
+def _compiled(jitted, *args, **compile_kwargs):
+  t = time.perf_counter()
+  executable = jitted.lower(*args).compile(**compile_kwargs)
+  return executable, time.perf_counter() - t
+
+
+def bench_jax(model, batch, dtype, others=None):
+  """CE-only and CE+Gini+KL train steps (alternating), then the eval step.
+
+  ``others``: more steps (name -> function) timed in the same rounds.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  out, steps = {}, {}
+  for name, with_losses in (("ce_only", False), ("ce_gini_kl", True)):
+    trainer = _trainer(model, batch, dtype, with_losses)
+    state = trainer.init_state(0)
+    images = next(trainer.batches("train", train=True))
+    executable, compile_s = _compiled(trainer.train_step, state, images)
+    steps[name] = _stepper(executable, state, images)
+    out[name] = {"train_compile_s": compile_s}
+  for name, rate in _interleaved_rates({**steps, **(others or {})}, batch).items():
+    out.setdefault(name, {})["train_images_per_s"] = rate
+  state = trainer.init_state(0)
+  eval_batch = next(trainer.batches("validation", train=False))
+  executable, out["eval_compile_s"] = _compiled(trainer.eval_step, state, eval_batch)
+
+  def evaluate():
+    jax.block_until_ready(executable(state, eval_batch))
+  out["eval_images_per_s"] = _interleaved_rates({"eval": evaluate}, batch)["eval"]
+  out["loss_overhead"] = (out["ce_only"]["train_images_per_s"]
+                          / out["ce_gini_kl"]["train_images_per_s"] - 1)
   return out
 
 
-def bench_torch(batch, steps, warmup):
+def bench_levers(batch):
+  """The ResNet-18 CE step under each XLA:CPU option set, from one lowering."""
+  trainer = _trainer("resnet18", batch, "float32", False, xla_cpu_ynn_fusion="")
+  state = trainer.init_state(0)
+  images = next(trainer.batches("train", train=True))
+  lowered = trainer.train_step.lower(state, images)
+  steps, compile_s = {}, {}
+  for name, options in LEVERS.items():
+    t = time.perf_counter()
+    executable = lowered.compile(compiler_options=options)
+    compile_s[name] = time.perf_counter() - t
+    # Each executable donates its input state: give each its own copy.
+    steps[name] = _stepper(executable, trainer.init_state(0), images)
+  rates = _interleaved_rates(steps, batch)
+  base = rates["XLA defaults"]
+  return {name: {"options": LEVERS[name], "train_images_per_s": rate,
+                 "speedup": rate / base, "compile_s": compile_s[name]}
+          for name, rate in rates.items()}
+
+
+def bench_torch(batch):
   """PyTorch ResNet-18 (CIFAR stem, 100 classes) training step, channels-last."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
@@ -138,53 +218,112 @@ def bench_torch(batch, steps, warmup):
     loss.backward()
     opt.step()
 
-  return {"train_images_per_s": _median_rate(step, steps, warmup, batch),
-          "params": params, "threads": torch.get_num_threads(),
-          "version": torch.__version__}
+  return step, {"params": params, "threads": torch.get_num_threads(),
+                "version": torch.__version__}
+
+
+def serve_torch(batch):
+  """The child: warms up, then times N steps per line N read from stdin."""
+  step, meta = bench_torch(batch)
+  for _ in range(_WARMUP.value):
+    step()
+  print(json.dumps(meta), flush=True)
+  for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+      t = time.perf_counter()
+      step()
+      times.append(time.perf_counter() - t)
+    print(json.dumps(times), flush=True)
+
+
+class TorchChild:
+  """PyTorch's ResNet-18 step in a child process, timed on request.
+
+  A child because PyTorch's compiled extensions (torch.optim loads
+  torch._dynamo) segfault when they load after TensorFlow; on request so that
+  its steps alternate with JAX's in the same rounds.
+  """
+
+  def __init__(self, batch):
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--torch_only",
+         f"--batch_size={batch}", f"--warmup={_WARMUP.value}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.meta = json.loads(self._line())
+
+  def _line(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the PyTorch child exited with {self.proc.wait()}; "
+                         "rerun with --notorch to skip it")
+    return line
+
+  def step(self):
+    """One timed step; returns its own duration (no pipe overhead)."""
+    self.proc.stdin.write("1\n")
+    self.proc.stdin.flush()
+    return json.loads(self._line())[0]
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
 def main(argv):
   del argv
+  batch = _BATCH.value
   if _TORCH_ONLY.value:
-    print(json.dumps(bench_torch(_BATCH.value, _STEPS.value, _WARMUP.value)))
+    serve_torch(batch)
     return
   import jax  # pylint: disable=g-import-not-at-top
-  batch, steps, warmup = _BATCH.value, _STEPS.value, _WARMUP.value
-  results = {"batch_size": batch,
+  results = {"batch_size": batch, "rounds": _ROUNDS.value,
+             "steps_per_round": _STEPS.value,
              "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(),
-             "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": {}}
+             "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "models": {}}
   first, *others = _DTYPES.value
   runs = [(m, first) for m in _MODELS.value]
   runs += [(m, d) for d in others for m in _MODELS.value if m in _BF16_MODELS.value]
   for model, dtype in runs:
-    ce = bench_jax(model, batch, dtype, steps, warmup, with_losses=False)
-    full = bench_jax(model, batch, dtype, steps, warmup, with_losses=True)
     key = model if dtype == first else f"{model} ({dtype})"
-    results["models"][key] = {
-        "dtype": dtype, "ce_only": ce, "ce_gini_kl": full,
-        "loss_overhead": ce["train_images_per_s"] / full["train_images_per_s"] - 1}
-    print(f"{key}: {json.dumps(results['models'][key])}", flush=True)
+    torch_child = TorchChild(batch) if key == "resnet18" and _TORCH.value else None
+    others = {"torch": torch_child.step} if torch_child else None
+    r = results["models"][key] = dict(dtype=dtype, **bench_jax(model, batch, dtype, others))
+    if torch_child:
+      torch_child.close()
+      results["torch_resnet18"] = dict(torch_child.meta, **r.pop("torch"))
+      results["jax_over_torch_resnet18"] = (
+          r["ce_only"]["train_images_per_s"]
+          / results["torch_resnet18"]["train_images_per_s"])
+    print(f"{key}: {json.dumps(r)}", flush=True)
+  if _LEVERS.value:
+    results["levers_resnet18"] = bench_levers(batch)
+    print(f"levers: {json.dumps(results['levers_resnet18'])}", flush=True)
+  r18 = results["models"].get("resnet18")
   if _INPUT.value:
     from discrim_jax.data import measure_throughput  # pylint: disable=g-import-not-at-top
     results["input_images_per_s"] = {
         "fashion_mnist": measure_throughput("fashion_mnist", batch, 200)}
-  if _TORCH.value:
-    # In a child process: PyTorch's compiled extensions (torch.optim loads
-    # torch._dynamo) segfault when they load after TensorFlow.
-    child = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--torch_only",
-         f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}"],
-        capture_output=True, text=True, check=True)
-    results["torch_resnet18"] = json.loads(child.stdout.strip().splitlines()[-1])
-    if "resnet18" in results["models"]:
-      results["jax_over_torch_resnet18"] = (
-          results["models"]["resnet18"]["ce_only"]["train_images_per_s"]
-          / results["torch_resnet18"]["train_images_per_s"])
+    if r18:
+      results["input_over_resnet18_step"] = (
+          results["input_images_per_s"]["fashion_mnist"]
+          / r18["ce_gini_kl"]["train_images_per_s"])
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  _print_tables(results)
+  print(json.dumps(results))
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
 
+
+def _print_tables(results):
+  """Markdown tables and the three targets of the benchmark."""
   print()
-  print(f"Batch {batch}, {results['cpus']} CPUs ({results['device']}), "
-        f"XLA_FLAGS={results['xla_flags'] or '(none)'}")
+  print(f"Batch {results['batch_size']}, {results['cpus']} CPUs "
+        f"({results['device']}), JAX {results['jax']}, "
+        f"XLA_FLAGS={results['xla_flags'] or '(none)'}; medians of "
+        f"{results['rounds']} x {results['steps_per_round']} timed steps")
   print()
   print("| model | train img/s, CE | train img/s, CE+Gini+KL | loss overhead "
         "| eval img/s | compile s (train) |")
@@ -193,23 +332,34 @@ def main(argv):
     print(f"| {model} | {r['ce_only']['train_images_per_s']:.1f} "
           f"| {r['ce_gini_kl']['train_images_per_s']:.1f} "
           f"| {100 * r['loss_overhead']:+.1f}% "
-          f"| {r['ce_gini_kl']['eval_images_per_s']:.1f} "
+          f"| {r['eval_images_per_s']:.1f} "
           f"| {r['ce_gini_kl']['train_compile_s']:.1f} |")
   if "torch_resnet18" in results:
     t = results["torch_resnet18"]
     print(f"| resnet18, PyTorch {t['version']} channels-last "
           f"| {t['train_images_per_s']:.1f} | | | | |")
-    if "jax_over_torch_resnet18" in results:
-      print(f"\nJAX/PyTorch, ResNet-18 train step: "
-            f"{results['jax_over_torch_resnet18']:.2f}")
-  if "input_images_per_s" in results:
-    print(f"Input pipeline (Fashion-MNIST, augmented): "
-          f"{results['input_images_per_s']['fashion_mnist']:,.0f} images/s")
+  if "levers_resnet18" in results:
+    print()
+    print("| XLA:CPU options, ResNet-18 CE step | img/s | vs XLA defaults |")
+    print("|---|---|---|")
+    for name, r in results["levers_resnet18"].items():
+      print(f"| {name} | {r['train_images_per_s']:.1f} | {r['speedup']:.2f}x |")
+  print()
+  r18 = results["models"].get("resnet18")
+  if r18:
+    overhead = r18["loss_overhead"]
+    print(f"Target, loss overhead <= 2% of the ResNet-18 step: "
+          f"{100 * overhead:+.1f}% ({'met' if overhead <= 0.02 else 'NOT met'})")
+  if "input_over_resnet18_step" in results:
+    ratio = results["input_over_resnet18_step"]
+    print(f"Target, input pipeline >= 10x the ResNet-18 step's consumption: "
+          f"{results['input_images_per_s']['fashion_mnist']:,.0f} images/s = "
+          f"{ratio:,.0f}x ({'met' if ratio >= 10 else 'NOT met'})")
+  if "jax_over_torch_resnet18" in results:
+    ratio = results["jax_over_torch_resnet18"]
+    print(f"Target, JAX >= PyTorch on the ResNet-18 step: JAX/PyTorch = "
+          f"{ratio:.2f} ({'met' if ratio >= 1 else 'NOT met'})")
   print(f"Peak host memory (max RSS): {results['peak_rss_gib']:.2f} GiB")
-  print(json.dumps(results))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
