@@ -12,7 +12,9 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
   compiled steps are timed in alternating rounds (``--rounds`` rounds of
   ``--steps_per_round`` steps each) so that a slow spell of a shared machine
   hits both; figures are medians over all timed steps, compile time apart;
-* eval step images/s; peak host memory (max RSS);
+* eval step images/s; peak host memory (max RSS); model TFLOP/s (XLA's FLOP
+  count of the CE+Gini+KL step before backend fusions, times steps/s) and,
+  given ``--peak_tflops``, model FLOP utilisation;
 * ``--levers``: the ResNet-18 CE step compiled with each set of XLA:CPU
   options in ``LEVERS`` from one lowering, timed in alternating rounds; the
   speed-up is against XLA's defaults;
@@ -55,6 +57,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _LEVERS = flags.DEFINE_bool("levers", True, "Also time LEVERS on ResNet-18.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch's ResNet-18 step.")
 _INPUT = flags.DEFINE_bool("input", True, "Also time the input pipeline.")
+_PEAK = flags.DEFINE_float(
+    "peak_tflops", 0.0,
+    "The device's peak dense TFLOP/s in the compute dtype (e.g. 989 for an "
+    "H200 in bfloat16); with it, the table gives model FLOP utilisation.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here as well.")
 _TORCH_ONLY = flags.DEFINE_bool("torch_only", False, "Internal: the PyTorch child.")
 
@@ -123,9 +129,9 @@ def _stepper(executable, state, images):
   return step
 
 
-def _compiled(jitted, *args, **compile_kwargs):
+def _compiled(jitted, *args):
   t = time.perf_counter()
-  executable = jitted.lower(*args).compile(**compile_kwargs)
+  executable = jitted.lower(*args).compile()
   return executable, time.perf_counter() - t
 
 
@@ -140,9 +146,13 @@ def bench_jax(model, batch, dtype, others=None):
     trainer = _trainer(model, batch, dtype, with_losses)
     state = trainer.init_state(0)
     images = next(trainer.batches("train", train=True))
-    executable, compile_s = _compiled(trainer.train_step, state, images)
+    lowered = trainer.train_step.lower(state, images)
+    t = time.perf_counter()
+    executable = lowered.compile()
     steps[name] = _stepper(executable, state, images)
-    out[name] = {"train_compile_s": compile_s}
+    # Model FLOPs: XLA's count on the program before backend fusions.
+    out[name] = {"train_compile_s": time.perf_counter() - t,
+                 "train_gflop_per_step": lowered.cost_analysis()["flops"] / 1e9}
   for name, rate in _interleaved_rates({**steps, **(others or {})}, batch).items():
     out.setdefault(name, {})["train_images_per_s"] = rate
   state = trainer.init_state(0)
@@ -154,6 +164,11 @@ def bench_jax(model, batch, dtype, others=None):
   out["eval_images_per_s"] = _interleaved_rates({"eval": evaluate}, batch)["eval"]
   out["loss_overhead"] = (out["ce_only"]["train_images_per_s"]
                           / out["ce_gini_kl"]["train_images_per_s"] - 1)
+  full = out["ce_gini_kl"]
+  full["train_tflop_per_s"] = (
+      full["train_gflop_per_step"] * full["train_images_per_s"] / batch / 1e3)
+  if _PEAK.value:
+    full["mfu"] = full["train_tflop_per_s"] / _PEAK.value
   return out
 
 
@@ -326,18 +341,21 @@ def _print_tables(results):
         f"{results['rounds']} x {results['steps_per_round']} timed steps")
   print()
   print("| model | train img/s, CE | train img/s, CE+Gini+KL | loss overhead "
-        "| eval img/s | compile s (train) |")
-  print("|---|---|---|---|---|---|")
+        "| eval img/s | compile s (train) | model TFLOP/s | MFU |")
+  print("|---|---|---|---|---|---|---|---|")
   for model, r in results["models"].items():
+    full = r["ce_gini_kl"]
+    mfu = f"{100 * full['mfu']:.1f}%" if "mfu" in full else "(--peak_tflops)"
     print(f"| {model} | {r['ce_only']['train_images_per_s']:.1f} "
-          f"| {r['ce_gini_kl']['train_images_per_s']:.1f} "
+          f"| {full['train_images_per_s']:.1f} "
           f"| {100 * r['loss_overhead']:+.1f}% "
           f"| {r['eval_images_per_s']:.1f} "
-          f"| {r['ce_gini_kl']['train_compile_s']:.1f} |")
+          f"| {full['train_compile_s']:.1f} | {full['train_tflop_per_s']:.3f} "
+          f"| {mfu} |")
   if "torch_resnet18" in results:
     t = results["torch_resnet18"]
     print(f"| resnet18, PyTorch {t['version']} channels-last "
-          f"| {t['train_images_per_s']:.1f} | | | | |")
+          f"| {t['train_images_per_s']:.1f} | | | | | | |")
   if "levers_resnet18" in results:
     print()
     print("| XLA:CPU options, ResNet-18 CE step | img/s | vs XLA defaults |")
