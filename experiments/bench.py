@@ -2,7 +2,8 @@ r"""Benchmark: train/eval step throughput, loss overhead, XLA levers, PyTorch.
 
   python experiments/bench.py [--models=resnet18,resnet50,cvt13] [--batch_size=64]
       [--dtypes=float32,bfloat16] [--bf16_models=resnet18] [--rounds=5]
-      [--steps_per_round=2] [--levers] [--notorch] [--out=bench.json]
+      [--steps_per_round=2] [--levers] [--lever_models=resnet18] [--notorch]
+      [--peak_tflops=0] [--out=bench.json]
 
 Everything is measured in this one process and run, on synthetic 32x32x3 data
 with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
@@ -15,9 +16,9 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
 * eval step images/s; peak host memory (max RSS); model TFLOP/s (XLA's FLOP
   count of the CE+Gini+KL step before backend fusions, times steps/s) and,
   given ``--peak_tflops``, model FLOP utilisation;
-* ``--levers``: the ResNet-18 CE step compiled with each set of XLA:CPU
-  options in ``LEVERS`` from one lowering, timed in alternating rounds; the
-  speed-up is against XLA's defaults;
+* ``--levers``: the CE step of each of ``--lever_models`` (ResNet-18)
+  compiled with each set of XLA:CPU options in ``LEVERS`` from one lowering,
+  timed in alternating rounds; the speed-up is against XLA's defaults;
 * the input pipeline alone (``data.measure_throughput``) on Fashion-MNIST,
   and its rate over the ResNet-18 train step's consumption;
 * with ``--torch`` (the optional ``bench`` dependency group), the same
@@ -54,7 +55,9 @@ _BF16_MODELS = flags.DEFINE_list(
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
 _STEPS = flags.DEFINE_integer("steps_per_round", 2, "Timed steps per round.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_LEVERS = flags.DEFINE_bool("levers", True, "Also time LEVERS on ResNet-18.")
+_LEVERS = flags.DEFINE_bool("levers", True, "Also time LEVERS (--lever_models).")
+_LEVER_MODELS = flags.DEFINE_list("lever_models", ["resnet18"],
+                                  "Models whose CE step --levers times.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch's ResNet-18 step.")
 _INPUT = flags.DEFINE_bool("input", True, "Also time the input pipeline.")
 _PEAK = flags.DEFINE_float(
@@ -65,7 +68,7 @@ _OUT = flags.DEFINE_string("out", None, "Write the JSON here as well.")
 _TORCH_ONLY = flags.DEFINE_bool("torch_only", False, "Internal: the PyTorch child.")
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-# XLA:CPU option sets tried on the ResNet-18 step (--levers).
+# XLA:CPU option sets tried on the CE step (--levers).
 LEVERS = {
     "XLA defaults": {},
     "YNNPACK dot,reduce (our default)": {
@@ -172,9 +175,9 @@ def bench_jax(model, batch, dtype, others=None):
   return out
 
 
-def bench_levers(batch):
-  """The ResNet-18 CE step under each XLA:CPU option set, from one lowering."""
-  trainer = _trainer("resnet18", batch, "float32", False, xla_cpu_ynn_fusion="")
+def bench_levers(model, batch):
+  """The model's CE step under each XLA:CPU option set, from one lowering."""
+  trainer = _trainer(model, batch, "float32", False, xla_cpu_ynn_fusion="")
   state = trainer.init_state(0)
   images = next(trainer.batches("train", train=True))
   lowered = trainer.train_step.lower(state, images)
@@ -313,8 +316,8 @@ def main(argv):
           / results["torch_resnet18"]["train_images_per_s"])
     print(f"{key}: {json.dumps(r)}", flush=True)
   if _LEVERS.value:
-    results["levers_resnet18"] = bench_levers(batch)
-    print(f"levers: {json.dumps(results['levers_resnet18'])}", flush=True)
+    results["levers"] = {m: bench_levers(m, batch) for m in _LEVER_MODELS.value}
+    print(f"levers: {json.dumps(results['levers'])}", flush=True)
   r18 = results["models"].get("resnet18")
   if _INPUT.value:
     from discrim_jax.data import measure_throughput  # pylint: disable=g-import-not-at-top
@@ -356,11 +359,11 @@ def _print_tables(results):
     t = results["torch_resnet18"]
     print(f"| resnet18, PyTorch {t['version']} channels-last "
           f"| {t['train_images_per_s']:.1f} | | | | | | |")
-  if "levers_resnet18" in results:
+  for model, levers in results.get("levers", {}).items():
     print()
-    print("| XLA:CPU options, ResNet-18 CE step | img/s | vs XLA defaults |")
+    print(f"| XLA:CPU options, {model} CE step | img/s | vs XLA defaults |")
     print("|---|---|---|")
-    for name, r in results["levers_resnet18"].items():
+    for name, r in levers.items():
       print(f"| {name} | {r['train_images_per_s']:.1f} | {r['speedup']:.2f}x |")
   print()
   r18 = results["models"].get("resnet18")
