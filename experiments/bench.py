@@ -304,7 +304,7 @@ def main(argv):
   runs = [(m, first) for m in _MODELS.value]
   runs += [(m, d) for d in others for m in _MODELS.value if m in _BF16_MODELS.value]
   for model, dtype in runs:
-    key = model if dtype == first else f"{model} ({dtype})"
+    key = model if dtype == "float32" else f"{model} ({dtype})"
     torch_child = TorchChild(batch) if key == "resnet18" and _TORCH.value else None
     others = {"torch": torch_child.step} if torch_child else None
     r = results["models"][key] = dict(dtype=dtype, **bench_jax(model, batch, dtype, others))
