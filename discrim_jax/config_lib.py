@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The fusion kinds (of dot, reduce, eltwise) that XLA:CPU hands to the
   # YNNPACK library. "dot,reduce" keeps convolutions on XLA's own (Eigen)
   # kernels, which are faster here than XLA's default of handing them to
-  # YNNPACK too: ResNet-18's train step runs about 1.9x faster on a 2-core
+  # YNNPACK too: ResNet-18's train step runs about 2x faster on a 2-core
   # Xeon (experiments/bench.py measures it). "" keeps XLA's default. Ignored
   # on GPU/TPU. Speed only: not part of a run's identity.
   c.xla_cpu_ynn_fusion = "dot,reduce"

@@ -112,7 +112,7 @@ def validate_config(config) -> None:
     raise ConfigError(
         f"config.xla_cpu_ynn_fusion={config.xla_cpu_ynn_fusion!r} names "
         f"{sorted(unknown)}; use a comma-separated subset of "
-        f"{list(YNN_FUSION_TYPES)}, or '' to turn YNNPACK fusion off")
+        f"{list(YNN_FUSION_TYPES)}, or '' for XLA's default")
   if config.num_devices > jax.device_count():
     raise ConfigError(
         f"config.num_devices={config.num_devices} but only {jax.device_count()} "

@@ -133,9 +133,11 @@ def _stepper(executable, state, images):
 
 
 def _compiled(jitted, *args):
+  """(lowered, executable, compile seconds) of ``jitted`` at ``args``."""
+  lowered = jitted.lower(*args)
   t = time.perf_counter()
-  executable = jitted.lower(*args).compile()
-  return executable, time.perf_counter() - t
+  executable = lowered.compile()
+  return lowered, executable, time.perf_counter() - t
 
 
 def bench_jax(model, batch, dtype, others=None):
@@ -149,18 +151,16 @@ def bench_jax(model, batch, dtype, others=None):
     trainer = _trainer(model, batch, dtype, with_losses)
     state = trainer.init_state(0)
     images = next(trainer.batches("train", train=True))
-    lowered = trainer.train_step.lower(state, images)
-    t = time.perf_counter()
-    executable = lowered.compile()
+    lowered, executable, compile_s = _compiled(trainer.train_step, state, images)
     steps[name] = _stepper(executable, state, images)
     # Model FLOPs: XLA's count on the program before backend fusions.
-    out[name] = {"train_compile_s": time.perf_counter() - t,
+    out[name] = {"train_compile_s": compile_s,
                  "train_gflop_per_step": lowered.cost_analysis()["flops"] / 1e9}
   for name, rate in _interleaved_rates({**steps, **(others or {})}, batch).items():
     out.setdefault(name, {})["train_images_per_s"] = rate
   state = trainer.init_state(0)
   eval_batch = next(trainer.batches("validation", train=False))
-  executable, out["eval_compile_s"] = _compiled(trainer.eval_step, state, eval_batch)
+  _, executable, out["eval_compile_s"] = _compiled(trainer.eval_step, state, eval_batch)
 
   def evaluate():
     jax.block_until_ready(executable(state, eval_batch))

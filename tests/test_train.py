@@ -212,7 +212,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path)
     ("num_devices", 16, r"num_devices=16 but only 8 devices"),
     ("optimizer.lr", -1.0, r"lr must be > 0"),
     ("xla_cpu_ynn_fusion", "dot,conv",
-     r"xla_cpu_ynn_fusion='dot,conv' names \['conv'\].*'' to turn"),
+     r"xla_cpu_ynn_fusion='dot,conv' names \['conv'\].*'' for XLA's default"),
 ])
 def test_config_errors(field, value, match):
   with pytest.raises(train.ConfigError, match=match):
