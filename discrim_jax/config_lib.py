@@ -76,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Xeon (experiments/bench.py measures it). "" keeps XLA's default. Ignored
   # on GPU/TPU. Speed only: not part of a run's identity.
   c.xla_cpu_ynn_fusion = "dot,reduce"
+  # ResNets: store each ReLU output behind models.common.fusion_barrier, so
+  # that XLA:CPU's weight-gradient transposes read it instead of recomputing
+  # the BatchNorm/ReLU chain (ResNet-18's CPU train step: about 1.2x faster).
+  # Same numbers; a no-op on GPU/TPU. Speed only, like xla_cpu_ynn_fusion.
+  c.xla_cpu_fusion_barriers = True
   return c
 
 

@@ -62,7 +62,7 @@ class TrainState(train_state.TrainState):
 # Library fusions XLA:CPU can hand to YNNPACK (config.xla_cpu_ynn_fusion).
 YNN_FUSION_TYPES = ("dot", "reduce", "eltwise")
 # Config fields that change speed, not results: a run may resume with others.
-SPEED_ONLY_FIELDS = ("xla_cpu_ynn_fusion",)
+SPEED_ONLY_FIELDS = ("xla_cpu_ynn_fusion", "xla_cpu_fusion_barriers")
 
 
 class ConfigError(ValueError):
@@ -175,6 +175,9 @@ def check_workdir_config(config, workdir: Path) -> None:
 def create_model(config, num_classes: int):
   kwargs = dict(config.model_kwargs)
   try:
+    if "fusion_barriers" in models.model_fields(config.model):
+      kwargs.setdefault("fusion_barriers",
+                        bool(config.get("xla_cpu_fusion_barriers", True)))
     return models.create_model(config.model, num_classes=num_classes, **kwargs)
   except ValueError as e:
     raise ConfigError(f"{e} (--config.model_kwargs...)") from None

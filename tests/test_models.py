@@ -1,12 +1,14 @@
 """Model zoo tests: parameter counts (no compile), shapes, train/eval behaviour."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from discrim_jax.models import MODELS, create_model
+from discrim_jax.models import MODELS, common, create_model, model_fields
 
 TINY = {"width_multiplier": 0.125}
 TINY_CVT = dict(TINY, depths=(1, 1, 2))  # fewer blocks: the compile is the cost
@@ -159,3 +161,73 @@ def test_wrong_input_rank(name):
   with pytest.raises(ValueError, match=r"rank 4, got shape \(32, 32, 3\)"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((32, 32, 3)),
                                       train=False))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fusion_barrier_returns_its_input_bit_for_bit(dtype):
+  bits = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+  values = jnp.array([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 3e-39],
+                     dtype)
+  sentinel = jax.lax.bitcast_convert_type(
+      jnp.array(common._SENTINEL[jnp.dtype(dtype).itemsize], bits), dtype)
+  barrier = jax.jit(common.fusion_barrier)
+  # A usual first element (the loop runs 0 times) and the sentinel NaN (it
+  # runs twice, negating): the same bits come back either way.
+  for first in (jnp.array(7.0, dtype), sentinel):
+    x = values.at[0].set(first).reshape(2, 4)
+    y = barrier(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(jax.lax.bitcast_convert_type(y, bits),
+                                  jax.lax.bitcast_convert_type(x, bits))
+  x = jnp.arange(12, dtype=dtype).reshape(3, 4)
+  np.testing.assert_array_equal(jax.vmap(common.fusion_barrier)(x), x)
+  w = jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4)
+  grad = jax.grad(lambda v: (common.fusion_barrier(v) * w).sum())(
+      x.astype(jnp.float32))
+  np.testing.assert_array_equal(grad, w)
+  # On CPU it is a loop that XLA keeps.
+  assert " while(" in barrier.lower(x).compile().as_text()
+
+
+def _fusions_feeding_convolutions(hlo):
+  """Per convolution operand made by a fusion: does that fusion take a max?"""
+  bodies = dict(re.findall(r"\n(%[\w.-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+  calls = dict(re.findall(r"(%[\w.-]+) = [^\n]* fusion\([^\n]*calls=(%[\w.-]+)",
+                          hlo))
+  found = []
+  for operands in re.findall(r"= \S+ convolution\(([^)]*)\)", hlo):
+    for name in re.findall(r"%[\w.-]+", operands):
+      if name in calls:
+        found.append("maximum(" in bodies.get(calls[name], ""))
+  return found
+
+
+def test_resnet_fusion_barriers_keep_weight_gradient_transposes_pure():
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  runs = {}
+  for barriers in (True, False):
+    model = create_model("resnet18", num_classes=10, fusion_barriers=barriers,
+                         **TINY)
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def loss(params, variables=variables, model=model):
+      (logits, _), _ = model.apply(dict(variables, params=params), images,
+                                   train=True, mutable=["batch_stats"])
+      return jnp.sum(logits ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    hlo = step.lower(variables["params"]).compile().as_text()
+    runs[barriers] = (_fusions_feeding_convolutions(hlo),
+                      step(variables["params"]))
+  # Without barriers, XLA:CPU recomputes ReLU chains inside the fusions that
+  # transpose the convolutions' inputs; with them, no such fusion takes a max.
+  assert any(runs[False][0]), "expected XLA:CPU to fuse a ReLU into a conv operand"
+  assert runs[True][0] and not any(runs[True][0])
+  chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)
+
+
+def test_only_resnets_take_fusion_barriers():
+  assert "fusion_barriers" in model_fields("resnet50")
+  assert "fusion_barriers" not in model_fields("cvt13")
+  with pytest.raises(ValueError, match=r"has no option\(s\) \['fusion_barriers'\]"):
+    create_model("cvt13", num_classes=10, fusion_barriers=True)

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from discrim_jax import data
 from discrim_jax import train
+from discrim_jax import config_lib
 from discrim_jax.config_lib import parse_arg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,9 +238,24 @@ def test_workdir_with_other_config_is_refused(fashion, tmp_path):
 
 def test_workdir_resumes_with_other_speed_only_fields(tmp_path):
   train.check_workdir_config(smoke_config(), tmp_path)
-  train.check_workdir_config(smoke_config(xla_cpu_ynn_fusion=""), tmp_path)
+  train.check_workdir_config(
+      smoke_config(xla_cpu_ynn_fusion="", xla_cpu_fusion_barriers=False), tmp_path)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["xla_cpu_ynn_fusion"] == "dot,reduce"
+  assert saved["xla_cpu_fusion_barriers"] is True
+  # A workdir written before the field existed resumes too.
+  del saved["xla_cpu_fusion_barriers"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_workdir_config(smoke_config(), tmp_path)
+
+
+def test_fusion_barriers_reach_resnets_only():
+  for barriers in (True, False):
+    model = train.create_model(smoke_config(xla_cpu_fusion_barriers=barriers), 10)
+    assert model.fusion_barriers is barriers
+  config = smoke_config(xla_cpu_fusion_barriers=True)
+  config_lib.model_defaults(config, "cvt13", image_size=32)
+  assert not hasattr(train.create_model(config, 10), "fusion_barriers")
 
 
 def _ynn_fusions(hlo):

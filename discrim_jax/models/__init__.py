@@ -24,6 +24,14 @@ MODELS = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def model_fields(name: str) -> set[str]:
+  """The options (module fields) model ``name`` takes, besides num_classes."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+  ctor = MODELS[name]
+  return set(getattr(ctor, "func", ctor).__dataclass_fields__) - {"parent", "name"}
+
+
 def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
   """Builds a model by name.
 
@@ -33,13 +41,13 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
     **overrides: module fields, e.g. ``stem="cifar"|"imagenet"`` (ResNets),
       ``dtype="bfloat16"`` (compute dtype; parameters stay float32),
       ``dropout=0.4`` (before the classifier), ``width_multiplier=0.125``
-      (tiny variants for tests).
+      (tiny variants for tests), ``fusion_barriers=False`` (ResNets; see
+      ``models.common.fusion_barrier``).
 
   Raises:
     ValueError: for an unknown name or an override the model does not have.
   """
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+  fields = model_fields(name)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   if "dtype" in overrides and isinstance(overrides["dtype"], str):
@@ -47,10 +55,8 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
       raise ValueError(
           f"unknown dtype {overrides['dtype']!r}; use one of {sorted(_DTYPES)}")
     overrides["dtype"] = _DTYPES[overrides["dtype"]]
-  ctor = MODELS[name]
-  fields = set(getattr(ctor, "func", ctor).__dataclass_fields__) - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(
         f"model {name!r} has no option(s) {unknown}; available: {sorted(fields)}")
-  return ctor(num_classes=num_classes, **overrides)
+  return MODELS[name](num_classes=num_classes, **overrides)

@@ -19,6 +19,11 @@ max-pool. ResNet-17's second stem convolution is 3x3 stride 1 in both.
 Convolutions have no bias; each is followed by BatchNorm (momentum 0.9, eps
 1e-5, i.e. PyTorch's defaults). Projection shortcuts (1x1 convolution + BN)
 are used where the shape changes.
+
+With ``fusion_barriers`` (the default), every ReLU output that feeds a
+convolution passes through ``common.fusion_barrier``: the same numbers, but
+XLA:CPU no longer recomputes the BatchNorm/ReLU/residual chain inside the
+weight-gradient transposes (a no-op on GPU and TPU).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from discrim_jax.models.common import check_images
+from discrim_jax.models.common import fusion_barrier
 
 Dtype = Any
 
@@ -47,11 +53,17 @@ def _conv_and_norm(dtype, train: bool):
   return conv, norm
 
 
+def _relu(x, barrier: bool):
+  x = nn.relu(x)
+  return fusion_barrier(x) if barrier else x
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with an identity or projection shortcut."""
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
+  fusion_barriers: bool = True
 
   expansion = 1
 
@@ -59,13 +71,13 @@ class BasicBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     conv, norm = _conv_and_norm(self.dtype, train)
     y = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
-    y = nn.relu(norm(name="bn1")(y))
+    y = _relu(norm(name="bn1")(y), self.fusion_barriers)
     y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
     y = norm(name="bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = conv(self.features, (1, 1), self.strides, name="proj_conv")(x)
       x = norm(name="proj_bn")(x)
-    return nn.relu(x + y)
+    return _relu(x + y, self.fusion_barriers)
 
 
 class BottleneckBlock(nn.Module):
@@ -73,6 +85,7 @@ class BottleneckBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
+  fusion_barriers: bool = True
 
   expansion = 4
 
@@ -81,15 +94,15 @@ class BottleneckBlock(nn.Module):
     conv, norm = _conv_and_norm(self.dtype, train)
     out = self.features * self.expansion
     y = conv(self.features, (1, 1), name="conv1")(x)
-    y = nn.relu(norm(name="bn1")(y))
+    y = _relu(norm(name="bn1")(y), self.fusion_barriers)
     y = conv(self.features, (3, 3), self.strides, padding=1, name="conv2")(y)
-    y = nn.relu(norm(name="bn2")(y))
+    y = _relu(norm(name="bn2")(y), self.fusion_barriers)
     y = conv(out, (1, 1), name="conv3")(y)
     y = norm(name="bn3")(y)
     if self.strides != 1 or x.shape[-1] != out:
       x = conv(out, (1, 1), self.strides, name="proj_conv")(x)
       x = norm(name="proj_bn")(x)
-    return nn.relu(x + y)
+    return _relu(x + y, self.fusion_barriers)
 
 
 class ResNet(nn.Module):
@@ -108,6 +121,7 @@ class ResNet(nn.Module):
   width_multiplier: float = 1.0
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  fusion_barriers: bool = True
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -124,10 +138,10 @@ class ResNet(nn.Module):
       x = conv(width, (7, 7), 2, padding=3, name="stem_conv")(x)
     else:
       x = conv(width, (3, 3), 1, padding=1, name="stem_conv")(x)
-    x = nn.relu(norm(name="stem_bn")(x))
+    x = _relu(norm(name="stem_bn")(x), self.fusion_barriers)
     for i in range(1, self.stem_convs):
       x = conv(width, (3, 3), 1, padding=1, name=f"stem_conv{i + 1}")(x)
-      x = nn.relu(norm(name=f"stem_bn{i + 1}")(x))
+      x = _relu(norm(name=f"stem_bn{i + 1}")(x), self.fusion_barriers)
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features["stem"] = x
@@ -135,6 +149,7 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block(width * 2**i, strides=strides, dtype=self.dtype,
+                       fusion_barriers=self.fusion_barriers,
                        name=f"stage{i + 1}_block{j + 1}")(x, train=train)
       features[f"stage{i + 1}"] = x
     x = jnp.mean(x, axis=(1, 2))
