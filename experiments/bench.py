@@ -16,9 +16,10 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
 * eval step images/s; peak host memory (max RSS); model TFLOP/s (XLA's FLOP
   count of the CE+Gini+KL step before backend fusions, times steps/s) and,
   given ``--peak_tflops``, model FLOP utilisation;
-* ``--levers``: the CE step of each of ``--lever_models`` (ResNet-18)
-  compiled with each set of XLA:CPU options in ``LEVERS`` from one lowering,
-  timed in alternating rounds; the speed-up is against XLA's defaults;
+* ``--levers``: the CE step of each of ``--lever_models`` (ResNet-18) with
+  and without the model's fusion barriers, compiled with each set of XLA:CPU
+  options in ``LEVERS``, timed in alternating rounds; the speed-up is against
+  XLA's defaults without barriers;
 * the input pipeline alone (``data.measure_throughput``) on Fashion-MNIST,
   and its rate over the ResNet-18 train step's consumption;
 * with ``--torch`` (the optional ``bench`` dependency group), the same
@@ -27,7 +28,8 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
   the JAX ResNet-18 rounds: the JAX/PyTorch ratio.
 
 The JAX steps are the training app's own (``train.build``), so they use the
-config's defaults, ``xla_cpu_ynn_fusion="dot,reduce"`` included.
+config's defaults, ``xla_cpu_ynn_fusion="dot,reduce"`` and
+``xla_cpu_fusion_barriers=True`` included.
 """
 
 import json
@@ -68,24 +70,28 @@ _OUT = flags.DEFINE_string("out", None, "Write the JSON here as well.")
 _TORCH_ONLY = flags.DEFINE_bool("torch_only", False, "Internal: the PyTorch child.")
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-# XLA:CPU option sets tried on the CE step (--levers).
+_DOT_REDUCE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+# What --levers times on the CE step: name -> (the model's fusion barriers,
+# XLA:CPU options). Our defaults are config.xla_cpu_fusion_barriers=True and
+# config.xla_cpu_ynn_fusion="dot,reduce".
 LEVERS = {
-    "XLA defaults": {},
-    "YNNPACK dot,reduce (our default)": {
-        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
-    "YNNPACK dot,reduce,eltwise": {
-        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
-              "LIBRARY_FUSION_TYPE_ELTWISE"},
-    "YNNPACK dot only": {_YNN: "LIBRARY_FUSION_TYPE_DOT"},
-    "dot,reduce + fast math": {
-        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-        "xla_cpu_enable_fast_math": True},
-    "dot,reduce + concurrency scheduler": {
-        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-        "xla_cpu_enable_concurrency_optimized_scheduler": True},
-    "XNNPACK": {"xla_cpu_use_xnnpack": True},
-    "oneDNN": {"xla_cpu_use_onednn": True,
-               "xla_cpu_experimental_onednn_custom_call": True},
+    "XLA defaults": (False, {}),
+    "YNNPACK dot,reduce": (False, {_YNN: _DOT_REDUCE}),
+    "YNNPACK dot,reduce + fusion barriers (our default)": (
+        True, {_YNN: _DOT_REDUCE}),
+    "fusion barriers, XLA's default options": (True, {}),
+    "ours + YNNPACK eltwise": (
+        True, {_YNN: _DOT_REDUCE + ",LIBRARY_FUSION_TYPE_ELTWISE"}),
+    "ours, YNNPACK dot only": (True, {_YNN: "LIBRARY_FUSION_TYPE_DOT"}),
+    "ours + fast math": (
+        True, {_YNN: _DOT_REDUCE, "xla_cpu_enable_fast_math": True}),
+    "ours + concurrency-optimised scheduler": (
+        True, {_YNN: _DOT_REDUCE,
+               "xla_cpu_enable_concurrency_optimized_scheduler": True}),
+    "XNNPACK": (False, {"xla_cpu_use_xnnpack": True}),
+    "oneDNN (custom calls)": (
+        False, {"xla_cpu_use_onednn": True,
+                "xla_cpu_experimental_onednn_custom_call": True}),
 }
 
 
@@ -176,21 +182,28 @@ def bench_jax(model, batch, dtype, others=None):
 
 
 def bench_levers(model, batch):
-  """The model's CE step under each XLA:CPU option set, from one lowering."""
-  trainer = _trainer(model, batch, "float32", False, xla_cpu_ynn_fusion="")
-  state = trainer.init_state(0)
-  images = next(trainer.batches("train", train=True))
-  lowered = trainer.train_step.lower(state, images)
+  """The model's CE step under each of ``LEVERS``, timed side by side."""
+  lowered, trainers, images = {}, {}, {}
+  for barriers in (False, True):
+    trainers[barriers] = _trainer(model, batch, "float32", False,
+                                  xla_cpu_ynn_fusion="",
+                                  xla_cpu_fusion_barriers=barriers)
+    state = trainers[barriers].init_state(0)
+    images[barriers] = next(trainers[barriers].batches("train", train=True))
+    lowered[barriers] = trainers[barriers].train_step.lower(
+        state, images[barriers])
   steps, compile_s = {}, {}
-  for name, options in LEVERS.items():
+  for name, (barriers, options) in LEVERS.items():
     t = time.perf_counter()
-    executable = lowered.compile(compiler_options=options)
+    executable = lowered[barriers].compile(compiler_options=options)
     compile_s[name] = time.perf_counter() - t
     # Each executable donates its input state: give each its own copy.
-    steps[name] = _stepper(executable, trainer.init_state(0), images)
+    steps[name] = _stepper(executable, trainers[barriers].init_state(0),
+                           images[barriers])
   rates = _interleaved_rates(steps, batch)
   base = rates["XLA defaults"]
-  return {name: {"options": LEVERS[name], "train_images_per_s": rate,
+  return {name: {"fusion_barriers": LEVERS[name][0],
+                 "options": LEVERS[name][1], "train_images_per_s": rate,
                  "speedup": rate / base, "compile_s": compile_s[name]}
           for name, rate in rates.items()}
 
@@ -361,7 +374,7 @@ def _print_tables(results):
           f"| {t['train_images_per_s']:.1f} | | | | | | |")
   for model, levers in results.get("levers", {}).items():
     print()
-    print(f"| XLA:CPU options, {model} CE step | img/s | vs XLA defaults |")
+    print(f"| {model} CE step: barriers, XLA:CPU options | img/s | vs XLA defaults |")
     print("|---|---|---|")
     for name, r in levers.items():
       print(f"| {name} | {r['train_images_per_s']:.1f} | {r['speedup']:.2f}x |")
