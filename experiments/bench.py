@@ -138,12 +138,17 @@ def _stepper(executable, state, images):
   return step
 
 
+def _compile(lowered, options=None):
+  """(executable, compile seconds) of ``lowered`` with XLA ``options``."""
+  t = time.perf_counter()
+  executable = lowered.compile(compiler_options=options)
+  return executable, time.perf_counter() - t
+
+
 def _compiled(jitted, *args):
   """(lowered, executable, compile seconds) of ``jitted`` at ``args``."""
   lowered = jitted.lower(*args)
-  t = time.perf_counter()
-  executable = lowered.compile()
-  return lowered, executable, time.perf_counter() - t
+  return (lowered, *_compile(lowered))
 
 
 def bench_jax(model, batch, dtype, others=None):
@@ -194,9 +199,7 @@ def bench_levers(model, batch):
         state, images[barriers])
   steps, compile_s = {}, {}
   for name, (barriers, options) in LEVERS.items():
-    t = time.perf_counter()
-    executable = lowered[barriers].compile(compiler_options=options)
-    compile_s[name] = time.perf_counter() - t
+    executable, compile_s[name] = _compile(lowered[barriers], options)
     # Each executable donates its input state: give each its own copy.
     steps[name] = _stepper(executable, trainers[barriers].init_state(0),
                            images[barriers])

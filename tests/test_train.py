@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from discrim_jax import config_lib
 from discrim_jax import data
 from discrim_jax import train
-from discrim_jax import config_lib
 from discrim_jax.config_lib import parse_arg
 
 REPO = Path(__file__).resolve().parents[1]

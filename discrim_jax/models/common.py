@@ -37,7 +37,7 @@ def fusion_barrier(x):
   (BatchNorm, ReLU, residual additions, across blocks) into the transpose: the
   chain is recomputed in transposed order, one cache miss per element. Behind
   this barrier the transpose reads a stored buffer instead; on a 2-core Xeon
-  that takes ResNet-18's training step from about 36 to 43 images/s
+  that takes ResNet-18's training step from about 37 to 43 images/s
   (``experiments/bench.py --levers``). On other platforms it is the identity.
   The gradient passes straight through.
 

@@ -20,8 +20,9 @@ Convolutions have no bias; each is followed by BatchNorm (momentum 0.9, eps
 1e-5, i.e. PyTorch's defaults). Projection shortcuts (1x1 convolution + BN)
 are used where the shape changes.
 
-With ``fusion_barriers`` (the default), every ReLU output that feeds a
-convolution passes through ``common.fusion_barrier``: the same numbers, but
+With ``fusion_barriers`` (the default), every ReLU output (the input of the
+next convolution, or of the pooling after the last block) passes through
+``common.fusion_barrier``: the same numbers, but
 XLA:CPU no longer recomputes the BatchNorm/ReLU/residual chain inside the
 weight-gradient transposes (a no-op on GPU and TPU).
 """
