@@ -28,8 +28,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -281,6 +279,9 @@ class MetricsLog:
               if line and json.loads(line)["step"] <= restored_step
               and json.loads(line)["split"] != "test"]
       self.path.write_text("".join(k + "\n" for k in kept))
+    # CLU's writers import TensorFlow, so CLU is imported where a run starts:
+    # build() and the compiled steps need JAX alone (see experiments/bench.py).
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.writer = metric_writers.create_default_writer(
         str(workdir), just_logging=not self._primary, asynchronous=False)
 
@@ -447,14 +448,19 @@ class Trainer:
     return results
 
 
-def build(config, *, dataset: data_lib.Dataset | None = None) -> Trainer:
-  """Builds data, model, mesh, shardings and the jitted steps from a config."""
+def build(config, *, dataset: data_lib.Dataset | None = None,
+          devices: list[jax.Device] | None = None) -> Trainer:
+  """Builds data, model, mesh, shardings and the jitted steps from a config.
+
+  ``devices``: those of the mesh (default: ``jax.devices()``); the first
+  ``config.num_devices`` of them where that is set.
+  """
   validate_config(config)
   if dataset is None:
     dataset = load_dataset(config)
   num_classes = dataset.num_classes
   model = create_model(config, num_classes)
-  devices = jax.devices()
+  devices = list(jax.devices() if devices is None else devices)
   if config.num_devices > 0:
     devices = devices[:config.num_devices]
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
@@ -664,6 +670,7 @@ def _train_loop(trainer: Trainer, states, step: int, replicas: list[_Replica],
   config = trainer.config
   total = trainer.total_steps
   eval_every = config.eval_every_epochs * trainer.steps_per_epoch
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   report = periodic_actions.ReportProgress(
       num_train_steps=total, writer=replicas[0].log.writer,
       every_steps=config.log_every_steps, every_secs=60)

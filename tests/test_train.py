@@ -351,3 +351,61 @@ def test_every_paper_config_builds_its_first_step(config_file, shape, num_classe
   _, metrics = lowered.out_info
   layer = config.loss.layers[0]
   assert {f"gini/{layer}", f"kl/{layer}", "ce", "loss"} <= set(metrics)
+
+
+_WITHOUT_TENSORFLOW = r'''
+import sys
+
+class Block:  # as if TensorFlow, TFDS and CLU (which imports TF) were absent
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu"):
+      raise ImportError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, Block())
+import jax
+import numpy as np
+from discrim_jax import data, train
+from discrim_jax.data.synthetic import SyntheticDataset
+from experiments.configs import fashion_mnist
+
+config = fashion_mnist.get_config("smoke")
+config.num_devices = 1
+dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1), num_examples=64)
+trainer = train.build(config, dataset=dataset)
+images, labels = dataset.arrays("train")
+batch = data.to_global_batch(
+    {"image": images.astype(np.float32) / 255, "label": labels,
+     "mask": np.ones(64, np.float32)}, trainer.batch_sharding)
+_, metrics = trainer.train_step(trainer.init_state(0), batch)
+print("loss", float(metrics["loss"]))
+try:
+  data.Dataset("cifar100")
+except ImportError as e:
+  print("error:", e)
+'''
+
+
+def test_steps_run_without_tensorflow():
+  """Models, losses and the compiled steps need JAX alone (e.g. on an
+  accelerator image): TensorFlow and CLU are imported only to read data and
+  to write a run's metrics; reading data without them says what to install."""
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW],
+                          capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+  assert np.isfinite(float(lines["loss"])), result.stdout
+  assert "needs tensorflow and tensorflow-datasets" in lines["error:"]
+  assert "pip install -e ." in lines["error:"]
+
+
+def test_build_on_given_devices():
+  config = smoke_config(num_devices=-1)
+  dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
+                             num_examples=64)
+  devices = jax.devices()[2:4]
+  trainer = train.build(config, dataset=dataset, devices=devices)
+  assert list(trainer.mesh.devices.flat) == devices
+  config.num_devices = 1
+  trainer = train.build(config, dataset=dataset, devices=devices)
+  assert list(trainer.mesh.devices.flat) == devices[:1]

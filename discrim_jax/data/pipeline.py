@@ -18,17 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 import os
 from typing import Any
 
 import numpy as np
-
-# TensorFlow must not grab the accelerators JAX is going to use.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-
-tf.config.set_visible_devices([], "GPU")
 
 SPLITS = ("train", "validation", "test")
 
@@ -61,13 +55,34 @@ class DatasetInfo:
   num_examples: dict[str, int]  # 'train', 'validation', 'test'
 
 
+@functools.cache
+def _tf():
+  """(tensorflow, tensorflow_datasets), imported on first use.
+
+  Only reading and batching data need them: the models, the losses and the
+  compiled steps also run where JAX alone is installed (an accelerator image).
+  """
+  try:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"reading data sets needs tensorflow and tensorflow-datasets ({e}); "
+        "install the project's dependencies: pip install -e .") from e
+  # TensorFlow must not grab the accelerators JAX is going to use.
+  tf.config.set_visible_devices([], "GPU")
+  return tf, tfds
+
+
 def _check_name(name: str) -> _Spec:
   if name not in _SPECS:
     raise ValueError(f"unknown data set {name!r}; known data sets: {list(DATASETS)}")
   return _SPECS[name]
 
 
-def _builder(spec: _Spec, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _builder(spec: _Spec, data_dir: str | None) -> Any:
+  _, tfds = _tf()
   if spec.tfds_name == "debian_fashion_mnist":
     from discrim_jax.data.fashion_mnist import DebianFashionMnist  # pylint: disable=g-import-not-at-top
     return DebianFashionMnist(data_dir=data_dir)
@@ -134,6 +149,7 @@ class Dataset:
     if self._download:
       self._builder.download_and_prepare()
     ds = self._builder.as_dataset(split=tfds_split, shuffle_files=False)
+    tf, _ = _tf()
     size = self.image_shape[:2]
     resize = self._spec.resize
 
@@ -211,13 +227,14 @@ def get_info(name: str, **kwargs: Any) -> DatasetInfo:
 # ------------------------------------------------------------------- batching
 
 
-def _augment(images: tf.Tensor, seed: tf.Tensor, pad: int,
-             rows: slice, global_batch: int) -> tf.Tensor:
+def _augment(images: Any, seed: Any, pad: int, rows: slice,
+             global_batch: int) -> Any:
   """Random crop with ``pad``-pixel zero padding and horizontal flip, per image.
 
   The random draws are made for the whole global batch and this process keeps
   its ``rows``, so the augmentation does not depend on the number of hosts.
   """
+  tf, _ = _tf()
   h, w = images.shape[1], images.shape[2]
   seeds = tf.random.experimental.stateless_split(seed, 3)
   draw = lambda s, hi: tf.random.stateless_uniform(  # pylint: disable=g-long-lambda
@@ -294,6 +311,7 @@ def make_iterator(
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()
+  tf, _ = _tf()
   images_t = tf.constant(images)
   labels_t = tf.constant(labels)
 
