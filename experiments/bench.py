@@ -13,8 +13,9 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
   compiled steps are timed in alternating rounds (``--rounds`` rounds of
   ``--steps_per_round`` steps each) so that a slow spell of a shared machine
   hits both; figures are medians over all timed steps, compile time apart;
-* eval step images/s; peak host memory (max RSS); model TFLOP/s (XLA's FLOP
-  count of the CE+Gini+KL step before backend fusions, times steps/s) and,
+* eval step images/s; peak host memory (max RSS) and, on an accelerator,
+  peak device memory; model TFLOP/s (XLA's FLOP count of the CE+Gini+KL step
+  lowered for one CPU device, before backend fusions, times steps/s) and,
   given ``--peak_tflops``, model FLOP utilisation;
 * ``--levers``: the CE step of each of ``--lever_models`` (ResNet-18) with
   and without the model's fusion barriers, compiled with each set of XLA:CPU
@@ -113,7 +114,7 @@ def _interleaved_rates(fns, batch):
   return {name: batch / statistics.median(ts) for name, ts in times.items()}
 
 
-def _trainer(model, batch, dtype, with_losses, **overrides):
+def _trainer(model, batch, dtype, with_losses, devices=None, **overrides):
   from discrim_jax import config_lib, train  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
@@ -124,7 +125,43 @@ def _trainer(model, batch, dtype, with_losses, **overrides):
   if not with_losses:
     config.loss.layers = ()  # CE only: no auxiliary statistics at all
   config.update(overrides)
-  return train.build(config, dataset=SyntheticDataset(num_examples=batch * 4))
+  return train.build(config, dataset=SyntheticDataset(num_examples=batch * 4),
+                     devices=devices)
+
+
+def _model_gflop(model, batch, dtype, with_losses):
+  """XLA's FLOP count of the train step before backend fusions, in GFLOP.
+
+  Counted on the step lowered for one CPU device, whatever the benchmark runs
+  on: the count is the model's, and XLA gives none before compilation on GPU
+  (after it, convolutions run as cuDNN calls that it does not count).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  trainer = _trainer(model, batch, dtype, with_losses,
+                     devices=jax.devices("cpu")[:1])
+  abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                _host_batch(trainer))
+  lowered = trainer.train_step.lower(trainer.abstract_state, abstract_batch)
+  return lowered.cost_analysis()["flops"] / 1e9
+
+
+def _host_batch(trainer, split="train"):
+  """One batch of the synthetic images as NumPy arrays, as the steps take it.
+
+  Cut from the arrays directly rather than through tf.data, so that the JAX
+  steps can be timed where TensorFlow is not installed (an accelerator image).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  images, labels = trainer.dataset.arrays(split)
+  n = trainer.config.batch_size
+  return {"image": images[:n].astype(np.float32) / 255.0, "label": labels[:n],
+          "mask": np.ones(n, np.float32)}
+
+
+def _batch(trainer, split="train"):
+  """:func:`_host_batch` as global arrays on the trainer's mesh."""
+  from discrim_jax import data  # pylint: disable=g-import-not-at-top
+  return data.to_global_batch(_host_batch(trainer, split), trainer.batch_sharding)
 
 
 def _stepper(executable, state, images):
@@ -146,9 +183,8 @@ def _compile(lowered, options=None):
 
 
 def _compiled(jitted, *args):
-  """(lowered, executable, compile seconds) of ``jitted`` at ``args``."""
-  lowered = jitted.lower(*args)
-  return (lowered, *_compile(lowered))
+  """(executable, compile seconds) of ``jitted`` at ``args``."""
+  return _compile(jitted.lower(*args))
 
 
 def bench_jax(model, batch, dtype, others=None):
@@ -161,17 +197,16 @@ def bench_jax(model, batch, dtype, others=None):
   for name, with_losses in (("ce_only", False), ("ce_gini_kl", True)):
     trainer = _trainer(model, batch, dtype, with_losses)
     state = trainer.init_state(0)
-    images = next(trainer.batches("train", train=True))
-    lowered, executable, compile_s = _compiled(trainer.train_step, state, images)
+    images = _batch(trainer)
+    executable, compile_s = _compiled(trainer.train_step, state, images)
     steps[name] = _stepper(executable, state, images)
-    # Model FLOPs: XLA's count on the program before backend fusions.
-    out[name] = {"train_compile_s": compile_s,
-                 "train_gflop_per_step": lowered.cost_analysis()["flops"] / 1e9}
+    out[name] = {"train_compile_s": compile_s, "train_gflop_per_step":
+                 _model_gflop(model, batch, dtype, with_losses)}
   for name, rate in _interleaved_rates({**steps, **(others or {})}, batch).items():
     out.setdefault(name, {})["train_images_per_s"] = rate
   state = trainer.init_state(0)
-  eval_batch = next(trainer.batches("validation", train=False))
-  _, executable, out["eval_compile_s"] = _compiled(trainer.eval_step, state, eval_batch)
+  eval_batch = _batch(trainer, "validation")
+  executable, out["eval_compile_s"] = _compiled(trainer.eval_step, state, eval_batch)
 
   def evaluate():
     jax.block_until_ready(executable(state, eval_batch))
@@ -194,7 +229,7 @@ def bench_levers(model, batch):
                                   xla_cpu_ynn_fusion="",
                                   xla_cpu_fusion_barriers=barriers)
     state = trainers[barriers].init_state(0)
-    images[barriers] = next(trainers[barriers].batches("train", train=True))
+    images[barriers] = _batch(trainers[barriers])
     lowered[barriers] = trainers[barriers].train_step.lower(
         state, images[barriers])
   steps, compile_s = {}, {}
@@ -344,6 +379,9 @@ def main(argv):
           results["input_images_per_s"]["fashion_mnist"]
           / r18["ce_gini_kl"]["train_images_per_s"])
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+  if "peak_bytes_in_use" in stats:
+    results["peak_device_gib"] = stats["peak_bytes_in_use"] / 2**30
   _print_tables(results)
   print(json.dumps(results))
   if _OUT.value:
@@ -397,6 +435,9 @@ def _print_tables(results):
     print(f"Target, JAX >= PyTorch on the ResNet-18 step: JAX/PyTorch = "
           f"{ratio:.2f} ({'met' if ratio >= 1 else 'NOT met'})")
   print(f"Peak host memory (max RSS): {results['peak_rss_gib']:.2f} GiB")
+  if "peak_device_gib" in results:
+    print(f"Peak device memory (all steps of the run): "
+          f"{results['peak_device_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":
