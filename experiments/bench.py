@@ -114,7 +114,7 @@ def _interleaved_rates(fns, batch):
   return {name: batch / statistics.median(ts) for name, ts in times.items()}
 
 
-def _trainer(model, batch, dtype, with_losses, devices=None, **overrides):
+def _trainer(model, batch, dtype, with_losses, **overrides):
   from discrim_jax import config_lib, train  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
@@ -125,43 +125,33 @@ def _trainer(model, batch, dtype, with_losses, devices=None, **overrides):
   if not with_losses:
     config.loss.layers = ()  # CE only: no auxiliary statistics at all
   config.update(overrides)
-  return train.build(config, dataset=SyntheticDataset(num_examples=batch * 4),
-                     devices=devices)
+  return train.build(config, dataset=SyntheticDataset(num_examples=batch * 4))
 
 
-def _model_gflop(model, batch, dtype, with_losses):
-  """XLA's FLOP count of the train step before backend fusions, in GFLOP.
+def _model_gflop(trainer):
+  """XLA's FLOP count of ``trainer``'s train step before backend fusions, in
+  GFLOP.
 
   Counted on the step lowered for one CPU device, whatever the benchmark runs
   on: the count is the model's, and XLA gives none before compilation on GPU
   (after it, convolutions run as cuDNN calls that it does not count).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  trainer = _trainer(model, batch, dtype, with_losses,
-                     devices=jax.devices("cpu")[:1])
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  cpu = train.build(trainer.config, dataset=trainer.dataset,
+                    devices=jax.devices("cpu")[:1])
   abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                _host_batch(trainer))
-  lowered = trainer.train_step.lower(trainer.abstract_state, abstract_batch)
+                                cpu.dataset.batch(cpu.config.batch_size))
+  lowered = cpu.train_step.lower(cpu.abstract_state, abstract_batch)
   return lowered.cost_analysis()["flops"] / 1e9
 
 
-def _host_batch(trainer, split="train"):
-  """One batch of the synthetic images as NumPy arrays, as the steps take it.
-
-  Cut from the arrays directly rather than through tf.data, so that the JAX
-  steps can be timed where TensorFlow is not installed (an accelerator image).
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  images, labels = trainer.dataset.arrays(split)
-  n = trainer.config.batch_size
-  return {"image": images[:n].astype(np.float32) / 255.0, "label": labels[:n],
-          "mask": np.ones(n, np.float32)}
-
-
-def _batch(trainer, split="train"):
-  """:func:`_host_batch` as global arrays on the trainer's mesh."""
+def _batch(trainer):
+  """One batch of the synthetic images as global arrays on the trainer's mesh
+  (no tf.data: the JAX steps are also timed where TensorFlow is absent)."""
   from discrim_jax import data  # pylint: disable=g-import-not-at-top
-  return data.to_global_batch(_host_batch(trainer, split), trainer.batch_sharding)
+  return data.to_global_batch(trainer.dataset.batch(trainer.config.batch_size),
+                              trainer.batch_sharding)
 
 
 def _stepper(executable, state, images):
@@ -200,12 +190,12 @@ def bench_jax(model, batch, dtype, others=None):
     images = _batch(trainer)
     executable, compile_s = _compiled(trainer.train_step, state, images)
     steps[name] = _stepper(executable, state, images)
-    out[name] = {"train_compile_s": compile_s, "train_gflop_per_step":
-                 _model_gflop(model, batch, dtype, with_losses)}
+    out[name] = {"train_compile_s": compile_s,
+                 "train_gflop_per_step": _model_gflop(trainer)}
   for name, rate in _interleaved_rates({**steps, **(others or {})}, batch).items():
     out.setdefault(name, {})["train_images_per_s"] = rate
   state = trainer.init_state(0)
-  eval_batch = _batch(trainer, "validation")
+  eval_batch = _batch(trainer)
   executable, out["eval_compile_s"] = _compiled(trainer.eval_step, state, eval_batch)
 
   def evaluate():

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from discrim_jax import data
 from discrim_jax.data import fashion_mnist
+from discrim_jax.data.synthetic import SyntheticDataset
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,14 @@ def test_fashion_mnist_missing_files_say_how_to_get_them(monkeypatch, tmp_path):
   monkeypatch.setattr(fashion_mnist, "candidate_dirs", lambda: [tmp_path])
   with pytest.raises(FileNotFoundError, match="make data"):
     fashion_mnist.find_files()
+
+
+def test_synthetic_batch_is_what_the_iterator_yields():
+  dataset = SyntheticDataset(num_classes=10, image_shape=(8, 8, 3), num_examples=16)
+  batch = dataset.batch(8)
+  first = next(data.make_iterator(dataset, "validation", 8, train=False,
+                                  process_index=0, process_count=1))
+  assert set(batch) == set(first)
+  for key in first:
+    assert batch[key].dtype == first[key].dtype, key
+    np.testing.assert_array_equal(batch[key], first[key], err_msg=key)

@@ -362,8 +362,6 @@ class Block:  # as if TensorFlow, TFDS and CLU (which imports TF) were absent
       raise ImportError(f"No module named {name!r}")
 
 sys.meta_path.insert(0, Block())
-import jax
-import numpy as np
 from discrim_jax import data, train
 from discrim_jax.data.synthetic import SyntheticDataset
 from experiments.configs import fashion_mnist
@@ -372,10 +370,7 @@ config = fashion_mnist.get_config("smoke")
 config.num_devices = 1
 dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1), num_examples=64)
 trainer = train.build(config, dataset=dataset)
-images, labels = dataset.arrays("train")
-batch = data.to_global_batch(
-    {"image": images.astype(np.float32) / 255, "label": labels,
-     "mask": np.ones(64, np.float32)}, trainer.batch_sharding)
+batch = data.to_global_batch(dataset.batch(64), trainer.batch_sharding)
 _, metrics = trainer.train_step(trainer.init_state(0), batch)
 print("loss", float(metrics["loss"]))
 try:

@@ -26,3 +26,12 @@ class SyntheticDataset:
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     images = self._arrays[0].astype(np.float32) / 255.0
     return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+
+  def batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    """The first ``batch_size`` images as the steps take a batch (what
+    ``make_iterator`` yields unaugmented), without tf.data: for timing and
+    running steps where TensorFlow is not installed."""
+    images, labels = self._arrays
+    return {"image": images[:batch_size].astype(np.float32) / 255.0,
+            "label": labels[:batch_size],
+            "mask": np.ones(batch_size, np.float32)}
