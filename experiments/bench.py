@@ -4,6 +4,7 @@ r"""Benchmark: train/eval step throughput, loss overhead, XLA levers, PyTorch.
       [--dtypes=float32,bfloat16] [--bf16_models=resnet18] [--rounds=5]
       [--steps_per_round=2] [--levers] [--lever_models=resnet18] [--notorch]
       [--peak_tflops=0] [--out=bench.json]
+  python experiments/bench.py --convs [--models=resnet18] [--notorch]
 
 Everything is measured in this one process and run, on synthetic 32x32x3 data
 with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
@@ -31,8 +32,18 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
 The JAX steps are the training app's own (``train.build``), so they use the
 config's defaults, ``xla_cpu_ynn_fusion="dot,reduce"`` and
 ``xla_cpu_fusion_barriers=True`` included.
+
+``--convs`` measures something else instead: each distinct convolution of the
+``--models``' train step (found by tracing the model) timed alone, its
+forward pass, input gradient and weight gradient, in JAX with the training
+app's XLA options and, with ``--torch``, in PyTorch in this process
+(channels-last; its output is checked equal to JAX's), alternating; the
+totals weight each by how often the step runs it. It says how much of the
+whole-step gap the convolution kernels account for. Under
+``taskset -c 0`` both frameworks get one CPU (PyTorch follows the affinity).
 """
 
+import functools
 import json
 import os
 import resource
@@ -67,6 +78,11 @@ _PEAK = flags.DEFINE_float(
     "peak_tflops", 0.0,
     "The device's peak dense TFLOP/s in the compute dtype (e.g. 989 for an "
     "H200 in bfloat16); with it, the table gives model FLOP utilisation.")
+_CONVS = flags.DEFINE_bool(
+    "convs", False,
+    "Instead of whole steps, time each convolution of the --models' train "
+    "step alone (forward, input gradient, weight gradient) in JAX and, with "
+    "--torch, in PyTorch, and sum them as the step runs them.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here as well.")
 _TORCH_ONLY = flags.DEFINE_bool("torch_only", False, "Internal: the PyTorch child.")
 
@@ -96,8 +112,22 @@ LEVERS = {
 }
 
 
+def _cpus():
+  """CPUs this process may run on (``taskset`` narrows them)."""
+  if hasattr(os, "sched_getaffinity"):  # not on macOS
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count()
+
+
 def _interleaved_rates(fns, batch):
   """images/s of each no-argument step in ``fns``, timed in alternating rounds."""
+  return {name: batch / statistics.median(ts)
+          for name, ts in _interleaved_times(fns).items()}
+
+
+def _interleaved_times(fns):
+  """Seconds of each call of each no-argument function in ``fns``, timed in
+  alternating rounds (--rounds x --steps_per_round, after --warmup calls)."""
   for fn in fns.values():
     for _ in range(_WARMUP.value):
       fn()
@@ -111,7 +141,7 @@ def _interleaved_rates(fns, batch):
         t = time.perf_counter()
         own = fn()  # a step that times itself returns its duration
         times[name].append(own if own is not None else time.perf_counter() - t)
-  return {name: batch / statistics.median(ts) for name, ts in times.items()}
+  return times
 
 
 def _trainer(model, batch, dtype, with_losses, **overrides):
@@ -236,6 +266,148 @@ def bench_levers(model, batch):
           for name, rate in rates.items()}
 
 
+def conv_layers(model, batch):
+  """The convolutions of ``model``'s forward pass on a 32x32 batch, in order.
+
+  A list of ``(module, input shape, count)``, one entry per distinct
+  convolution (``flax.linen.Conv`` fields and input shape); the first
+  convolution of the pass reads the images, so a train step needs no input
+  gradient for it.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  trainer = _trainer(model, batch, "float32", False)
+  layers = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+      conv = context.module.clone(parent=None, name=None)
+      key = (repr(conv), tuple(args[0].shape))
+      layers.setdefault(key, [conv, tuple(args[0].shape), 0])[2] += 1
+    return next_fun(*args, **kwargs)
+
+  images = jax.ShapeDtypeStruct((batch, 32, 32, 3), "float32")
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: trainer.model.init(jax.random.key(0), x, train=False),
+                   images)
+  return trainer.config, [tuple(v) for v in layers.values()]
+
+
+def bench_convs(model, batch):
+  """Each convolution of ``model``'s train step timed alone, in JAX (the
+  training app's XLA:CPU options) and, with --torch, in PyTorch.
+
+  For each distinct convolution: the forward pass, the input gradient and the
+  weight gradient (a train step computes all three, except the input gradient
+  of the convolution that reads the images), medians in ms, alternating
+  between the two frameworks. Totals weight each by how often the step runs
+  it: the time a train step spends in convolution kernels.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  config, layers = conv_layers(model, batch)
+  options = train.compiler_options(config, jax.devices()[0].platform)
+  rows = []
+  for i, (conv, shape, count) in enumerate(layers):
+    rng = np.random.default_rng(i)
+    x = jax.device_put(rng.standard_normal(shape, np.float32))
+    params = jax.jit(conv.init)(jax.random.key(i), x)["params"]
+    y = jax.jit(conv.apply)({"params": params}, x)
+    g = jax.device_put(rng.standard_normal(y.shape, np.float32))
+    fns = {("jax", op): fn
+           for op, fn in _jax_conv_ops(conv, params, x, g, options).items()}
+    if _TORCH.value:
+      fns.update({("torch", op): fn
+                  for op, fn in _torch_conv_ops(conv, params, x, g, y).items()})
+    times = _interleaved_times({k: _dropping_result(fn) for k, fn in fns.items()})
+    row = {"input": list(shape), "output": list(y.shape),
+           "kernel": list(conv.kernel_size), "strides": conv.strides,
+           "count": count, "needs_input_grad": i > 0}
+    for (framework, op), ts in times.items():
+      row.setdefault(framework, {})[op] = 1e3 * statistics.median(ts)
+    rows.append(row)
+  totals = {}
+  for row in rows:
+    for framework in ("jax", "torch"):
+      for op, ms in row.get(framework, {}).items():
+        if op != "input_grad" or row["needs_input_grad"]:
+          t = totals.setdefault(framework, {})
+          t[op] = t.get(op, 0.0) + row["count"] * ms
+  return {"layers": rows, "totals_ms": totals}
+
+
+def _jax_conv_ops(conv, params, x, g, options):
+  """JAX's forward, input and weight gradient of ``conv`` (cotangent ``g``),
+  compiled with XLA ``options``, as no-argument functions."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def apply(p, x):
+    return conv.apply({"params": p}, x)
+
+  def input_grad(p, x, g):
+    return jax.vjp(lambda x: apply(p, x), x)[1](g)[0]
+
+  def weight_grad(p, x, g):
+    return jax.vjp(lambda p: apply(p, x), p)[1](g)[0]
+
+  calls = {"forward": (apply, (params, x)),
+           "input_grad": (input_grad, (params, x, g)),
+           "weight_grad": (weight_grad, (params, x, g))}
+  return {op: functools.partial(
+      lambda f, a: jax.block_until_ready(f(*a)),
+      jax.jit(f, compiler_options=options), a) for op, (f, a) in calls.items()}
+
+
+def _dropping_result(fn):
+  """``fn`` returning None (``_interleaved_times`` reads a returned value as
+  the call's own duration)."""
+
+  def call():
+    fn()
+  return call
+
+
+def _torch_conv_ops(conv, params, x, g, y):
+  """PyTorch's forward, input and weight gradient of ``conv`` (channels-last),
+  as no-argument functions; ``y`` is JAX's output, which PyTorch's must equal."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  k, s = conv.kernel_size, conv.strides
+  layer = torch.nn.Conv2d(x.shape[-1], conv.features, tuple(k),
+                          s if isinstance(s, int) else tuple(s),
+                          padding=tuple(d // 2 for d in k),
+                          groups=conv.feature_group_count,
+                          bias="bias" in params)
+  cl = torch.channels_last
+  layer = layer.to(memory_format=cl)
+  with torch.no_grad():
+    layer.weight.copy_(torch.from_numpy(np.array(params["kernel"]))
+                       .permute(3, 2, 0, 1))
+    if "bias" in params:
+      layer.bias.copy_(torch.from_numpy(np.array(params["bias"])))
+  tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+  tx.requires_grad_()
+  ty = layer(tx)
+  got = ty.detach().permute(0, 2, 3, 1).numpy()
+  if got.shape != y.shape or not np.allclose(got, np.asarray(y), rtol=1e-3,
+                                              atol=1e-3):
+    raise ValueError(f"PyTorch's {layer} does not compute JAX's {conv}: "
+                     "the timings would not compare the same convolution")
+  tg = torch.from_numpy(np.array(g)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+
+  def forward():
+    with torch.no_grad():
+      layer(tx)
+
+  return {
+      "forward": forward,
+      "input_grad": lambda: torch.autograd.grad(ty, [tx], tg, retain_graph=True),
+      "weight_grad": lambda: torch.autograd.grad(ty, list(layer.parameters()),
+                                                 tg, retain_graph=True),
+  }
+
+
 def bench_torch(batch):
   """PyTorch ResNet-18 (CIFAR stem, 100 classes) training step, channels-last."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -338,9 +510,14 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   results = {"batch_size": batch, "rounds": _ROUNDS.value,
              "steps_per_round": _STEPS.value,
-             "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(),
+             "device": str(jax.devices()[0].device_kind), "cpus": _cpus(),
              "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "models": {}}
+  if _CONVS.value:
+    results["convs"] = {m: bench_convs(m, batch) for m in _MODELS.value}
+    _print_conv_tables(results)
+    _write(results)
+    return
   first, *others = _DTYPES.value
   runs = [(m, first) for m in _MODELS.value]
   runs += [(m, d) for d in others for m in _MODELS.value if m in _BF16_MODELS.value]
@@ -373,10 +550,54 @@ def main(argv):
   if "peak_bytes_in_use" in stats:
     results["peak_device_gib"] = stats["peak_bytes_in_use"] / 2**30
   _print_tables(results)
+  _write(results)
+
+
+def _write(results):
   print(json.dumps(results))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(results, f, indent=2)
+
+
+def _print_conv_tables(results):
+  """One markdown table per model: ms per convolution and framework."""
+  ops = ("forward", "input_grad", "weight_grad")
+  for model, r in results["convs"].items():
+    torch_ = "torch" in r["totals_ms"]
+    print()
+    print(f"{model}: each convolution of the train step alone, batch "
+          f"{results['batch_size']}, {results['cpus']} CPUs, JAX "
+          f"{results['jax']}; medians of {results['rounds']} x "
+          f"{results['steps_per_round']} calls, ms"
+          + (" (JAX / PyTorch)" if torch_ else ""))
+    print()
+    print("| input -> output (kernel, stride) | count | forward "
+          "| input gradient | weight gradient |")
+    print("|---|---|---|---|---|")
+
+    def cell(times, op):
+      return (f"{times['jax'][op]:.1f}" +
+              (f" / {times['torch'][op]:.1f}" if torch_ else ""))
+
+    for row in r["layers"]:
+      grads = (cell(row, "input_grad") if row["needs_input_grad"]
+               else "(not needed)")
+      print(f"| {'x'.join(map(str, row['input'][1:]))} -> "
+            f"{'x'.join(map(str, row['output'][1:]))} "
+            f"({'x'.join(map(str, row['kernel']))}, {row['strides']}) "
+            f"| {row['count']} | {cell(row, 'forward')} | {grads} "
+            f"| {cell(row, 'weight_grad')} |")
+    total = r["totals_ms"]
+    print(f"| **per train step** | | {cell(total, 'forward')} "
+          f"| {cell(total, 'input_grad')} | {cell(total, 'weight_grad')} |")
+    jax_sum = sum(total["jax"][op] for op in ops)
+    line = f"{model}: {jax_sum:.0f} ms of convolutions per train step in JAX"
+    if torch_:
+      torch_sum = sum(total["torch"][op] for op in ops)
+      line += (f", {torch_sum:.0f} ms in PyTorch: JAX/PyTorch = "
+               f"{torch_sum / jax_sum:.2f} on the convolutions alone")
+    print(line)
 
 
 def _print_tables(results):
