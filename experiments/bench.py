@@ -339,7 +339,8 @@ def bench_convs(model, batch):
 
 def _jax_conv_ops(conv, params, x, g, options):
   """JAX's forward, input and weight gradient of ``conv`` (cotangent ``g``),
-  compiled with XLA ``options``, as no-argument functions."""
+  compiled with XLA ``options`` here (not in the first timed call), as
+  no-argument functions."""
   import jax  # pylint: disable=g-import-not-at-top
 
   def apply(p, x):
@@ -356,7 +357,8 @@ def _jax_conv_ops(conv, params, x, g, options):
            "weight_grad": (weight_grad, (params, x, g))}
   return {op: functools.partial(
       lambda f, a: jax.block_until_ready(f(*a)),
-      jax.jit(f, compiler_options=options), a) for op, (f, a) in calls.items()}
+      _compile(jax.jit(f).lower(*a), options)[0], a)
+          for op, (f, a) in calls.items()}
 
 
 def _dropping_result(fn):
@@ -373,10 +375,21 @@ def _torch_conv_ops(conv, params, x, g, y):
   as no-argument functions; ``y`` is JAX's output, which PyTorch's must equal."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  k, s = conv.kernel_size, conv.strides
-  layer = torch.nn.Conv2d(x.shape[-1], conv.features, tuple(k),
-                          s if isinstance(s, int) else tuple(s),
-                          padding=tuple(d // 2 for d in k),
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  k = tuple(conv.kernel_size)
+  s = conv.strides or 1
+  s = (s,) * len(k) if isinstance(s, int) else tuple(s)
+  pad = conv.padding
+  if isinstance(pad, str):
+    pad = lax.padtype_to_pads(x.shape[1:-1], k, s, pad)
+  elif isinstance(pad, int):
+    pad = [(pad, pad)] * len(k)
+  pad = [(p, p) if isinstance(p, int) else tuple(p) for p in pad]
+  if any(lo != hi for lo, hi in pad):
+    raise ValueError(f"{conv} pads unevenly ({pad}); the PyTorch mirror "
+                     "covers even padding only: rerun with --notorch")
+  layer = torch.nn.Conv2d(x.shape[-1], conv.features, k, s,
+                          padding=tuple(lo for lo, _ in pad),
                           groups=conv.feature_group_count,
                           bias="bias" in params)
   cl = torch.channels_last

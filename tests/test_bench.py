@@ -31,10 +31,12 @@ def test_conv_layers_are_the_models_convolutions(model, distinct, total):
     nn.Conv(8, (3, 3), strides=2, padding=1, use_bias=False),
     nn.Conv(8, (1, 1), strides=2, use_bias=False),
     nn.Conv(8, (3, 3), padding=1, feature_group_count=4),
+    nn.Conv(8, (7, 7), strides=4, padding=2),  # CvT-13's first embedding
+    nn.Conv(8, (3, 3), padding="SAME"),
 ])
 def test_jax_and_torch_ops_compute_the_same_gradients(conv):
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 8, 8, 4 if conv.feature_group_count > 1 else 3),
+  x = rng.standard_normal((2, 16, 16, 4 if conv.feature_group_count > 1 else 3),
                           np.float32)
   params = conv.init(jax.random.key(0), x)["params"]
   y = conv.apply({"params": params}, x)
@@ -55,9 +57,18 @@ def test_jax_and_torch_ops_compute_the_same_gradients(conv):
 
 
 def test_torch_mirror_refuses_a_different_convolution():
-  conv = nn.Conv(8, (3, 3), padding="VALID", use_bias=False)  # PyTorch side pads 1
+  conv = nn.Conv(8, (3, 3), padding=1, use_bias=False)
   x = np.ones((1, 6, 6, 3), np.float32)
   params = conv.init(jax.random.key(0), x)["params"]
   y = conv.apply({"params": params}, x)
   with pytest.raises(ValueError, match="does not compute JAX's"):
+    bench._torch_conv_ops(conv, params, x, np.ones_like(y), y + 1)  # pylint: disable=protected-access
+
+
+def test_torch_mirror_refuses_uneven_padding():
+  conv = nn.Conv(8, (2, 2), padding="SAME", use_bias=False)  # pads (0, 1)
+  x = np.ones((1, 6, 6, 3), np.float32)
+  params = conv.init(jax.random.key(0), x)["params"]
+  y = conv.apply({"params": params}, x)
+  with pytest.raises(ValueError, match="unevenly.*--notorch"):
     bench._torch_conv_ops(conv, params, x, np.ones_like(y), y)  # pylint: disable=protected-access
