@@ -267,7 +267,8 @@ def bench_levers(model, batch):
 
 
 def conv_layers(model, batch):
-  """The convolutions of ``model``'s forward pass on a 32x32 batch, in order.
+  """The convolutions of ``model``'s forward pass on the benchmark's synthetic
+  batch, in order.
 
   A list of ``(module, input shape, count)``, one entry per distinct
   convolution (``flax.linen.Conv`` fields and input shape); the first
@@ -286,7 +287,7 @@ def conv_layers(model, batch):
       layers.setdefault(key, [conv, tuple(args[0].shape), 0])[2] += 1
     return next_fun(*args, **kwargs)
 
-  images = jax.ShapeDtypeStruct((batch, 32, 32, 3), "float32")
+  images = jax.ShapeDtypeStruct((batch, *trainer.dataset.image_shape), "float32")
   with nn.intercept_methods(record):
     jax.eval_shape(lambda x: trainer.model.init(jax.random.key(0), x, train=False),
                    images)
@@ -313,10 +314,11 @@ def bench_convs(model, batch):
     rng = np.random.default_rng(i)
     x = jax.device_put(rng.standard_normal(shape, np.float32))
     params = jax.jit(conv.init)(jax.random.key(i), x)["params"]
-    y = jax.jit(conv.apply)({"params": params}, x)
+    y = jax.eval_shape(conv.apply, {"params": params}, x)
     g = jax.device_put(rng.standard_normal(y.shape, np.float32))
-    fns = {("jax", op): fn
-           for op, fn in _jax_conv_ops(conv, params, x, g, options).items()}
+    jax_ops = _jax_conv_ops(conv, params, x, g, options)
+    y = jax_ops["forward"]()
+    fns = {("jax", op): fn for op, fn in jax_ops.items()}
     if _TORCH.value:
       fns.update({("torch", op): fn
                   for op, fn in _torch_conv_ops(conv, params, x, g, y).items()})
@@ -373,18 +375,16 @@ def _dropping_result(fn):
 def _torch_conv_ops(conv, params, x, g, y):
   """PyTorch's forward, input and weight gradient of ``conv`` (channels-last),
   as no-argument functions; ``y`` is JAX's output, which PyTorch's must equal."""
+  from flax.linen.linear import canonicalize_padding  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from jax import lax  # pylint: disable=g-import-not-at-top
   k = tuple(conv.kernel_size)
   s = conv.strides or 1
   s = (s,) * len(k) if isinstance(s, int) else tuple(s)
-  pad = conv.padding
+  pad = canonicalize_padding(conv.padding, len(k))
   if isinstance(pad, str):
     pad = lax.padtype_to_pads(x.shape[1:-1], k, s, pad)
-  elif isinstance(pad, int):
-    pad = [(pad, pad)] * len(k)
-  pad = [(p, p) if isinstance(p, int) else tuple(p) for p in pad]
   if any(lo != hi for lo, hi in pad):
     raise ValueError(f"{conv} pads unevenly ({pad}); the PyTorch mirror "
                      "covers even padding only: rerun with --notorch")
