@@ -1,11 +1,14 @@
-"""Helpers for the absl entry points in experiments/: one-line errors."""
+"""Process start-up for the absl entry points in experiments/: one-line
+errors, log routing, the compilation cache and ``jax.distributed``."""
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
 from absl import flags
+from absl import logging
 
 
 def one_line(error: BaseException) -> str:
@@ -38,14 +41,46 @@ def enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def quiet_library_logs() -> None:
+  """Drops orbax's and TFDS's INFO chatter (lines per save/read) from the console."""
+  noisy = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets"))
+
+  class _Filter:
+
+    def filter(self, record) -> bool:
+      return (record.levelno >= std_logging.WARNING
+              or not any(n in record.pathname for n in noisy))
+
+  logging.get_absl_handler().python_handler.addFilter(_Filter())
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> None:
+  """Multi-host (multi-controller) start-up: TPU pods, multi-GPU hosts, SLURM.
+
+  ``mode``: ``"true"`` always calls ``jax.distributed.initialize()`` (which
+  reads the coordinator from the environment), ``"false"`` never, ``"auto"``
+  when the environment names more than one process.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if mode not in ("auto", "true", "false"):
+    raise ValueError(f"--distributed must be auto, true or false, got {mode!r}")
+  env = os.environ
+  many = (env.get("JAX_COORDINATOR_ADDRESS")
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+          or int(env.get("SLURM_NTASKS", "1")) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if mode == "true" or (mode == "auto" and many):
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d", jax.process_index(),
+                 jax.process_count())
+
+
 def run_with_one_line_errors(fn):
   """Runs ``fn()`` for an entry point: quiet library logs, the compilation
   cache, and a one-line ``error: ...`` with exit status 1 for the errors a
   user can act on (bad config values, missing data, NaN, unreadable
   checkpoints)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from discrim_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
+  quiet_library_logs()
   enable_compilation_cache()
   try:
     return fn()

@@ -23,11 +23,11 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from discrim_jax import config_lib
 from discrim_jax import data as data_lib
+from discrim_jax import steps
 from discrim_jax import train
-
-OBJECTIVE_NAMES = {"ce": "CE", "gini": "CE+Gini", "kl": "CE+KL",
-                   "gini_kl": "CE+Gini+KL"}
+from discrim_jax.config_lib import OBJECTIVE_NAMES
 
 
 def run_dir(workdir: Path, objective: str, seed: int) -> Path:
@@ -62,7 +62,7 @@ def train_all(config, workdir: Path, objectives, seeds: int,
     with run_config.unlocked():
       run_config.objective = objective
     if dataset is None:
-      dataset = train.load_dataset(run_config)
+      dataset = steps.load_dataset(run_config)
     groups = [todo] if vmap_seeds else [[seed] for seed in todo]
     for group in groups:
       logging.info("training %s seeds %s", objective, group)
@@ -233,7 +233,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   return paths
 
 
-def run_comparison(config, workdir: str, *, objectives=tuple(OBJECTIVE_NAMES),
+def run_comparison(config, workdir: str, *, objectives=tuple(config_lib.OBJECTIVES),
                    seeds: int = 5, dataset: data_lib.Dataset | None = None,
                    vmap_seeds: bool = False) -> dict[str, Any]:
   """Trains what is missing, then writes the table, JSON and plots.
@@ -242,12 +242,12 @@ def run_comparison(config, workdir: str, *, objectives=tuple(OBJECTIVE_NAMES),
   :func:`discrim_jax.train.train_and_evaluate_seeds` (same results as one
   after another, one compile).
   """
-  unknown = [o for o in objectives if o not in train.OBJECTIVES]
+  unknown = [o for o in objectives if o not in config_lib.OBJECTIVES]
   if unknown:
-    raise train.ConfigError(f"unknown objective(s) {unknown}; use some of "
-                            f"{sorted(train.OBJECTIVES)}")
+    raise config_lib.ConfigError(f"unknown objective(s) {unknown}; use some of "
+                                 f"{sorted(config_lib.OBJECTIVES)}")
   if seeds < 1:
-    raise train.ConfigError(f"--seeds must be >= 1, got {seeds}")
+    raise config_lib.ConfigError(f"--seeds must be >= 1, got {seeds}")
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   train_all(config, out, objectives, seeds, dataset, vmap_seeds)

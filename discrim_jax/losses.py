@@ -20,7 +20,8 @@ shape ``(B,)`` in ``[0, C)``::
   pi[c]   = n[c] / B
   L_kl    = sum_{c: n[c] > 0} pi[c] log(pi[c] / q[c])
 
-All statistics are computed in float32 whatever the input dtype. The functions
+All statistics are computed in float32 whatever the input dtype (float64
+inputs, under ``jax_enable_x64``, stay float64). The functions
 are pure, jit-able and invariant to the order of the samples. Under ``jax.jit``
 with the batch sharded over a mesh, XLA reduces over the global batch, so the
 value equals that of a single device holding the same global batch.
@@ -85,6 +86,11 @@ def _validate(features: jax.Array, labels: jax.Array, num_classes: int) -> None:
           f"check num_classes or the data set's label map")
 
 
+def _statistics_dtype(features: jax.Array):
+  """float32, or float64 for float64 features (under jax_enable_x64)."""
+  return jnp.promote_types(features.dtype, jnp.float32)
+
+
 def _labels_valid(labels: jax.Array, num_classes: int) -> jax.Array:
   return jnp.all((labels >= 0) & (labels < num_classes))
 
@@ -112,11 +118,12 @@ def class_feature_sums(features: jax.Array, labels: jax.Array, num_classes: int,
   ones (a 0/1 mask drops padded examples). Sums from several batches add up;
   :func:`distribution_from_sums` turns them into ``P``.
   """
-  x = jnp.abs(features.astype(jnp.float32))
+  dtype = _statistics_dtype(features)
+  x = jnp.abs(features.astype(dtype))
   a = jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # (B, C)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype)  # (B, C)
   if weights is not None:
-    onehot = onehot * weights.astype(jnp.float32)[:, None]
+    onehot = onehot * weights.astype(dtype)[:, None]
   return _class_sums(a, onehot), jnp.sum(onehot, axis=0)
 
 

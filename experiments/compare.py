@@ -1,4 +1,4 @@
-r"""Trains CE, CE+Gini, CE+KL and CE+Gini+KL over seeds; writes table and plots.
+r"""Trains each objective over seeds (all of them by default); writes table and plots.
 
   python experiments/compare.py --config=experiments/configs/fashion_mnist.py \
     --workdir=workdirs/fmnist_compare --seeds=5
@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from discrim_jax.cli import parse_flags, run_with_one_line_errors
+from discrim_jax.config_lib import OBJECTIVES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -21,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for all runs and results.")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per objective.")
-_OBJECTIVES = flags.DEFINE_list("objectives", ["ce", "gini", "kl", "gini_kl"],
+_OBJECTIVES = flags.DEFINE_list("objectives", list(OBJECTIVES),
                                 "Objectives to compare.")
 _VMAP_SEEDS = flags.DEFINE_bool(
     "vmap_seeds", False,

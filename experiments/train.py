@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from discrim_jax import cli
 from discrim_jax.cli import parse_flags, run_with_one_line_errors
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,7 +36,7 @@ def main(argv):
 
   def run():
     config = _CONFIG.value  # a config file that fails to load raises here
-    train.maybe_initialize_distributed(_DISTRIBUTED.value)
+    cli.maybe_initialize_distributed(_DISTRIBUTED.value)
     return train.train_and_evaluate(config, _WORKDIR.value)
 
   summary = run_with_one_line_errors(run)

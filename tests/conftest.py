@@ -1,9 +1,24 @@
-"""Test set-up: 8 fake CPU devices for the multi-device paths, quiet TF."""
+"""Test set-up: 8 fake CPU devices for the multi-device paths, quiet TF, and
+the fixtures several test modules share (the real Fashion-MNIST, the smoke
+config)."""
 
+import json
 import os
+from pathlib import Path
+import re
 
-# Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before JAX initialises its backends. Appended to a user's own
+# XLA_FLAGS (never dropped because they are set); a different device count
+# there is an error rather than a silent change.
+_DEVICES = "--xla_force_host_platform_device_count"
+_flags = os.environ.get("XLA_FLAGS", "")
+_count = re.search(_DEVICES + r"=(\d+)", _flags)
+if _count is None:
+  os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICES}=8".strip()
+elif _count.group(1) != "8":
+  raise RuntimeError(
+      f"XLA_FLAGS sets {_count.group(0)}; the tests need 8 fake CPU devices: "
+      f"remove it or set {_DEVICES}=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # torchvision's compiled ops segfault when they load after TensorFlow in one
@@ -35,6 +50,51 @@ def fashion_data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")
   fashion_mnist.DebianFashionMnist(data_dir=str(path)).download_and_prepare()
   return str(path)
+
+
+@pytest.fixture(scope="session")
+def fashion(fashion_data_dir):
+  """The first 320/200/200 train/validation/test images, read once."""
+  from discrim_jax import data  # pylint: disable=g-import-not-at-top
+  ds = data.Dataset("fashion_mnist", data_dir=fashion_data_dir,
+                    max_examples={"train": 320, "validation": 200, "test": 200})
+  for split in ("train", "validation", "test"):
+    ds.arrays(split)
+  return ds
+
+
+def smoke_config(**overrides):
+  """The Fashion-MNIST smoke config cut to 5 steps of 64 per epoch, one
+  device, logging every 2 steps; ``overrides`` are dotted field paths."""
+  from experiments.configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config("smoke")
+  config.eval_subset = 200
+  config.eval_batch_size = 200
+  config.train_subset = 320  # 5 steps of 64 per epoch
+  config.log_every_steps = 2
+  config.num_devices = 1  # the 8-device path has its own tests; saves compiles
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in
+          (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(name="smoke_config")
+def smoke_config_fixture():
+  return smoke_config
+
+
+@pytest.fixture(name="read_metrics")
+def read_metrics_fixture():
+  return read_metrics
 
 # Identical programs (the same tiny model built by several tests) compile once.
 jax.config.update("jax_compilation_cache_dir",

@@ -1,15 +1,18 @@
 """The reproduction harness end to end on the smoke config."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from discrim_jax import compare
+from discrim_jax import config_lib
 from discrim_jax import train
-from tests.test_train import fashion, smoke_config  # noqa: F401  pylint: disable=unused-import
 
 
-def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypatch):  # noqa: F811
+def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypatch,
+                                                     smoke_config):
   config = smoke_config(num_epochs=1)
   results = compare.run_comparison(config, str(tmp_path), objectives=("ce", "gini_kl"),
                                    seeds=2, dataset=fashion)
@@ -23,8 +26,11 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypa
   paired = [b["test_accuracy"] - a["test_accuracy"]
             for a, b in zip(rows["ce"]["runs"], rows["gini_kl"]["runs"])]
   assert rows["gini_kl"]["diff_to_ce_mean"] == pytest.approx(sum(paired) / 2)
-  lo, hi = rows["gini_kl"]["diff_to_ce_ci95"]
-  assert lo <= rows["gini_kl"]["diff_to_ce_mean"] <= hi
+  # The 95% t-interval of the paired differences, computed by hand: with 2
+  # seeds, mean ± t(0.975, 1 dof) * sd / sqrt(2), t = 12.7062.
+  half = 12.7062047 * np.std(paired, ddof=1) / math.sqrt(2)
+  assert rows["gini_kl"]["diff_to_ce_ci95"] == pytest.approx(
+      [np.mean(paired) - half, np.mean(paired) + half], abs=1e-9)
   # CE runs log the Gini/KL values they would have had.
   assert set(rows["ce"]["runs"][0]["final_gini"]) == {"stage4"}
   table = (tmp_path / "results.md").read_text()
@@ -39,8 +45,9 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypa
   assert again == results
 
 
-def test_harness_rejects_bad_arguments(tmp_path):
-  with pytest.raises(train.ConfigError, match=r"unknown objective\(s\) \['entropy'\]"):
+def test_harness_rejects_bad_arguments(tmp_path, smoke_config):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"unknown objective\(s\) \['entropy'\]"):
     compare.run_comparison(smoke_config(), str(tmp_path), objectives=("ce", "entropy"))
-  with pytest.raises(train.ConfigError, match="--seeds must be >= 1"):
+  with pytest.raises(config_lib.ConfigError, match="--seeds must be >= 1"):
     compare.run_comparison(smoke_config(), str(tmp_path), seeds=0)

@@ -131,14 +131,13 @@ def test_missing_unexpected_and_mismatched_keys_are_named():
     pretrained.load_state_dict("/nonexistent/resnet.pth")
 
 
-def test_convert_cli_and_training_from_it(tmp_path):
+def test_convert_cli_and_training_from_it(tmp_path, smoke_config):
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  from discrim_jax import steps, train  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
-  from tests.test_train import smoke_config  # pylint: disable=g-import-not-at-top
 
   reference = torchvision.models.resnet18(weights=None)
   path = tmp_path / "resnet18.pth"
@@ -159,7 +158,7 @@ def test_convert_cli_and_training_from_it(tmp_path):
   config.unlock()
   config.model_kwargs.stem = "imagenet"
   config.init_from = str(out)
-  trainer = train.build(config, dataset=SyntheticDataset(num_classes=7,
+  trainer = steps.build(config, dataset=SyntheticDataset(num_classes=7,
                                                          image_shape=(64, 64, 3)))
   state = train._load_pretrained(trainer, trainer.init_state(0))  # pylint: disable=protected-access
   np.testing.assert_allclose(

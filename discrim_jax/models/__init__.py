@@ -21,7 +21,11 @@ MODELS = {
     "cvt13": CvT13,
 }
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 needs jax_enable_x64; the training app then keeps the parameters in
+# float64 too (``steps.build``), for tests that show two programs compute the
+# same mathematics where float32 rounding cannot hide a difference.
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float64": jnp.float64}
 
 
 def model_fields(name: str) -> set[str]:
@@ -41,8 +45,7 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
     **overrides: module fields, e.g. ``stem="cifar"|"imagenet"`` (ResNets),
       ``dtype="bfloat16"`` (compute dtype; parameters stay float32),
       ``dropout=0.4`` (before the classifier), ``width_multiplier=0.125``
-      (tiny variants for tests), ``fusion_barriers=False`` (ResNets; see
-      ``models.common.fusion_barrier``).
+      (tiny variants for tests).
 
   Raises:
     ValueError: for an unknown name or an override the model does not have.

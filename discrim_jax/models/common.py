@@ -1,5 +1,9 @@
 """Pieces shared by the model modules."""
 
+import contextlib
+import functools
+import threading
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -28,7 +32,38 @@ def _cpu_barrier(x):
   return out
 
 
-@jax.custom_vjp
+class _Switch(threading.local):
+  enabled = True
+
+
+_barriers = _Switch()
+
+
+@contextlib.contextmanager
+def fusion_barriers(enabled: bool):
+  """Within this context, :func:`fusion_barrier` is (``enabled``) or is not a
+  barrier. It acts when a function is traced: a jitted step keeps what was in
+  force when it was traced (see :func:`with_fusion_barriers`). On by default;
+  ``config.xla_cpu_fusion_barriers`` is the training app's switch."""
+  before = _barriers.enabled
+  _barriers.enabled = bool(enabled)
+  try:
+    yield
+  finally:
+    _barriers.enabled = before
+
+
+def with_fusion_barriers(fn, enabled: bool):
+  """``fn`` traced with fusion barriers on or off (the one place the training
+  app's switch is applied: wrap a step before ``jax.jit``)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with fusion_barriers(enabled):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def fusion_barrier(x):
   """``x`` unchanged, in a buffer XLA:CPU does not fuse through (CPU only).
 
@@ -39,20 +74,26 @@ def fusion_barrier(x):
   this barrier the transpose reads a stored buffer instead; on a 2-core Xeon
   that takes ResNet-18's training step from about 37 to 43 images/s
   (``experiments/bench.py --levers``). On other platforms it is the identity.
-  The gradient passes straight through.
+  The gradient passes straight through. Off (the plain identity) inside
+  ``fusion_barriers(False)``.
 
   Args:
     x: a floating-point array with at least one element.
   """
+  return _barrier(x) if _barriers.enabled else x
+
+
+@jax.custom_vjp
+def _barrier(x):
   return lax.platform_dependent(x, cpu=_cpu_barrier, default=lambda v: v)
 
 
 def _barrier_fwd(x):
-  return fusion_barrier(x), None
+  return _barrier(x), None
 
 
 def _barrier_bwd(_, g):
   return (g,)
 
 
-fusion_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+_barrier.defvjp(_barrier_fwd, _barrier_bwd)

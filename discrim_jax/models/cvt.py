@@ -191,7 +191,8 @@ class CvT(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_dense_init,
                       name="head")(x)
-    return logits.astype(jnp.float32), features
+    # float32 logits, or float64 in a float64 model (exactness tests).
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), features
 
 
 CvT13 = CvT

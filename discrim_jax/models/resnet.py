@@ -20,11 +20,11 @@ Convolutions have no bias; each is followed by BatchNorm (momentum 0.9, eps
 1e-5, i.e. PyTorch's defaults). Projection shortcuts (1x1 convolution + BN)
 are used where the shape changes.
 
-With ``fusion_barriers`` (the default), every ReLU output (the input of the
-next convolution, or of the pooling after the last block) passes through
-``common.fusion_barrier``: the same numbers, but
-XLA:CPU no longer recomputes the BatchNorm/ReLU/residual chain inside the
-weight-gradient transposes (a no-op on GPU and TPU).
+Every ReLU output (the input of the next convolution, or of the pooling after
+the last block) passes through ``common.fusion_barrier``: the same numbers,
+but XLA:CPU no longer recomputes the BatchNorm/ReLU/residual chain inside the
+weight-gradient transposes (a no-op on GPU and TPU; switched off with
+``common.fusion_barriers(False)``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ def _conv_and_norm(dtype, train: bool):
   return conv, norm
 
 
-def _relu(x, barrier: bool):
-  x = nn.relu(x)
-  return fusion_barrier(x) if barrier else x
+def _relu(x):
+  return fusion_barrier(nn.relu(x))
 
 
 class BasicBlock(nn.Module):
@@ -64,7 +63,6 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
-  fusion_barriers: bool = True
 
   expansion = 1
 
@@ -72,13 +70,13 @@ class BasicBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     conv, norm = _conv_and_norm(self.dtype, train)
     y = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
-    y = _relu(norm(name="bn1")(y), self.fusion_barriers)
+    y = _relu(norm(name="bn1")(y))
     y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
     y = norm(name="bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = conv(self.features, (1, 1), self.strides, name="proj_conv")(x)
       x = norm(name="proj_bn")(x)
-    return _relu(x + y, self.fusion_barriers)
+    return _relu(x + y)
 
 
 class BottleneckBlock(nn.Module):
@@ -86,7 +84,6 @@ class BottleneckBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
-  fusion_barriers: bool = True
 
   expansion = 4
 
@@ -95,15 +92,15 @@ class BottleneckBlock(nn.Module):
     conv, norm = _conv_and_norm(self.dtype, train)
     out = self.features * self.expansion
     y = conv(self.features, (1, 1), name="conv1")(x)
-    y = _relu(norm(name="bn1")(y), self.fusion_barriers)
+    y = _relu(norm(name="bn1")(y))
     y = conv(self.features, (3, 3), self.strides, padding=1, name="conv2")(y)
-    y = _relu(norm(name="bn2")(y), self.fusion_barriers)
+    y = _relu(norm(name="bn2")(y))
     y = conv(out, (1, 1), name="conv3")(y)
     y = norm(name="bn3")(y)
     if self.strides != 1 or x.shape[-1] != out:
       x = conv(out, (1, 1), self.strides, name="proj_conv")(x)
       x = norm(name="proj_bn")(x)
-    return _relu(x + y, self.fusion_barriers)
+    return _relu(x + y)
 
 
 class ResNet(nn.Module):
@@ -122,7 +119,6 @@ class ResNet(nn.Module):
   width_multiplier: float = 1.0
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  fusion_barriers: bool = True
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -139,10 +135,10 @@ class ResNet(nn.Module):
       x = conv(width, (7, 7), 2, padding=3, name="stem_conv")(x)
     else:
       x = conv(width, (3, 3), 1, padding=1, name="stem_conv")(x)
-    x = _relu(norm(name="stem_bn")(x), self.fusion_barriers)
+    x = _relu(norm(name="stem_bn")(x))
     for i in range(1, self.stem_convs):
       x = conv(width, (3, 3), 1, padding=1, name=f"stem_conv{i + 1}")(x)
-      x = _relu(norm(name=f"stem_bn{i + 1}")(x), self.fusion_barriers)
+      x = _relu(norm(name=f"stem_bn{i + 1}")(x))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features["stem"] = x
@@ -150,14 +146,14 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block(width * 2**i, strides=strides, dtype=self.dtype,
-                       fusion_barriers=self.fusion_barriers,
                        name=f"stage{i + 1}_block{j + 1}")(x, train=train)
       features[f"stage{i + 1}"] = x
     x = jnp.mean(x, axis=(1, 2))
     features["pre_logits"] = x
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-    return logits.astype(jnp.float32), features
+    # float32 logits, or float64 in a float64 model (exactness tests).
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), features
 
 
 ResNet17 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 1),
