@@ -204,7 +204,9 @@ def convert(state: StateDict, variables: Mapping[str, Any], *,
       missing.append(key)
       continue
     used.add(key)
-    value = _layout(np.asarray(state[key], np.float32), kind)
+    # The model's parameter dtype: float32, or float64 in exactness tests.
+    value = _layout(np.asarray(state[key], getattr(target, "dtype", np.float32)),
+                    kind)
     if value.shape != tuple(target.shape):
       if path[0] == "head" and hasattr(target, "__array__"):
         head_kept = True  # another number of classes: re-initialised head

@@ -101,7 +101,9 @@ class ConvAttention(nn.Module):
       qkv.append(t.reshape(b, t.shape[1], self.num_heads, dim // self.num_heads))
     q, k, v = qkv
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * dim**-0.5
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    # Softmax in float32 at least (bf16 logits), float64 in a float64 model.
+    wide = jnp.promote_types(logits.dtype, jnp.float32)
+    attn = jax.nn.softmax(logits.astype(wide), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, -1, dim)
     return dense(name="proj")(out)
 
