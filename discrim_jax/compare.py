@@ -100,17 +100,29 @@ def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
         "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
         "best_validation_accuracy_mean": float(np.mean(
             [r["best_validation_accuracy"] for r in runs])),
-        "images_per_s_mean": float(np.mean([r["images_per_s"] for r in runs])),
+        "images_per_s_mean": _mean_or_none([r["images_per_s"] for r in runs]),
     }
   if "ce" in rows:
     base = np.array([r["test_accuracy"] for r in rows["ce"]["runs"]])
     for objective, row in rows.items():
       diff = np.array([r["test_accuracy"] for r in row["runs"]]) - base
-      half = (_t_quantile(len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-              if len(diff) > 1 else float("nan"))
       row["diff_to_ce_mean"] = float(diff.mean())
-      row["diff_to_ce_ci95"] = [float(diff.mean() - half), float(diff.mean() + half)]
+      row["diff_to_ce_ci95"] = None  # no interval from one seed
+      if len(diff) > 1:
+        half = (_t_quantile(len(diff) - 1) * diff.std(ddof=1)
+                / math.sqrt(len(diff)))
+        row["diff_to_ce_ci95"] = [float(diff.mean() - half),
+                                  float(diff.mean() + half)]
   return {"seeds": seeds, "objectives": list(objectives), "results": rows}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+  """The mean, or None when any run has no figure (JSON has no NaN)."""
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _format(value: float | None, spec: str) -> str:
+  return "–" if value is None else format(value, spec)
 
 
 def _mean_dict(dicts: list[dict[str, float]]) -> str:
@@ -128,9 +140,9 @@ def markdown_table(results: dict[str, Any]) -> str:
   for objective, row in results["results"].items():
     runs = row["runs"]
     if "diff_to_ce_mean" in row and objective != "ce":
-      lo, hi = row["diff_to_ce_ci95"]
       diff = f"{100 * row['diff_to_ce_mean']:+.2f}"
-      if len(runs) > 1:
+      if row["diff_to_ce_ci95"] is not None:
+        lo, hi = row["diff_to_ce_ci95"]
         diff += f" [{100 * lo:+.2f}, {100 * hi:+.2f}]"
     else:
       diff = "–"
@@ -141,7 +153,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"| {_mean_dict([r['final_gini'] for r in runs])} "
         f"| {_mean_dict([r['final_kl'] for r in runs])} "
         f"| {_mean_dict([r['test_gini'] for r in runs])} "
-        f"| {row['images_per_s_mean']:.0f} |")
+        f"| {_format(row['images_per_s_mean'], '.0f')} |")
   lines.append("")
   lines.append(f"Accuracies in %, {results['seeds']} seed(s) per objective; Δ is "
                "the paired difference to CE over the same seeds (t-interval). "
@@ -254,6 +266,7 @@ def run_comparison(config, workdir: str, *, objectives=tuple(config_lib.OBJECTIV
   results = summarize(out, objectives, seeds)
   table = markdown_table(results)
   (out / "results.md").write_text(table)
-  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False)
+                                    + "\n")
   plot(out, results)
   return results

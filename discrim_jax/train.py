@@ -154,16 +154,17 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
     workdir_lib.write_config(r.config, r.workdir)
   start = time.time()
   try:
+    latest, states = [], []
     for r in replicas:
-      r.manager = workdir_lib.checkpoint_manager(config, r.workdir)
-    latest = [r.manager.latest_step() for r in replicas]
+      r.manager, step, state = workdir_lib.restore_latest(
+          config, r.workdir, trainer.abstract_state)
+      latest.append(step)
+      states.append(state)
     if len(set(latest)) > 1:
       raise RuntimeError(
           f"the seeds' workdirs hold checkpoints of different steps {latest}; "
           "train them one at a time (without --vmap_seeds) to resume")
     if latest[0] is not None:
-      states = [workdir_lib.restore(r.manager, latest[0], trainer.abstract_state,
-                                    r.workdir) for r in replicas]
       logging.info("Resumed from the checkpoints of step %d", latest[0])
     else:
       states = [trainer.init_state(seed) for seed in seeds]
@@ -187,20 +188,22 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
                                                      tests):
       r.log.write(best_step, "test", test)
       r.log.close()
+      throughput = (images_per_s / len(seeds) if images_per_s is not None
+                    else _earlier_throughput(r.workdir))
       summary = {
           "test_accuracy": test["accuracy"], "test_ce": test["ce"],
           "best_validation_step": best_step,
           "best_validation_accuracy": float(
               r.manager.metrics(best_step)["accuracy"]),
           "wall_time_s": time.time() - start,
-          "train_images_per_s": images_per_s / len(seeds),
+          "train_images_per_s": throughput,
           "total_steps": trainer.total_steps, "dataset": config.dataset,
           "model": config.model, "objective": config.objective, "seed": seed,
           "num_devices": trainer.mesh.size, "trained_with_seeds": seeds}
       if jax.process_index() == 0:
         np.savez_compressed(r.workdir / "feature_class_matrix.npz", **matrices)
-        (r.workdir / "summary.json").write_text(
-            json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (r.workdir / "summary.json").write_text(json.dumps(
+            summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
       summaries[seed] = summary
     return summaries
   finally:
@@ -210,9 +213,19 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
         r.manager.close()
 
 
+def _earlier_throughput(workdir: Path) -> float | None:
+  """The images/s an earlier, finished run of this workdir measured (a rerun
+  trains nothing and measures nothing), or None."""
+  path = workdir / "summary.json"
+  if path.exists():
+    return json.loads(path.read_text()).get("train_images_per_s")
+  return None
+
+
 def _train_loop(program: _Program, step: int, replicas: list[_Replica],
-                step_callback) -> float:
-  """Trains to the end from ``step``; returns the images/s of all replicas."""
+                step_callback) -> float | None:
+  """Trains to the end from ``step``; returns the images/s of all replicas
+  (None when no whole log interval after the first was timed)."""
   trainer = program.trainer
   config = trainer.config
   total = trainer.total_steps
@@ -258,5 +271,5 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
     if is_log:
       t_mark = time.time()
   if timed_seconds == 0:
-    return float("nan")
+    return None
   return timed_steps * config.batch_size * len(replicas) / timed_seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+import time
 from typing import Any
 
 from absl import logging
@@ -99,11 +100,19 @@ class MetricsLog:
     self.writer.close()
 
 
+# Checked after the loss terms: a non-finite gradient, update or parameter
+# with a finite loss (an overflow in the backward pass or the optimiser).
+_NORMS = ("grad_norm", "update_norm", "param_norm")
+
+
 def check_finite(history: list[dict[str, float]], first_step: int,
                  last_good: int | None, workdir: Path) -> None:
-  """Raises FloatingPointError naming the first non-finite loss term."""
+  """Raises FloatingPointError naming the first non-finite loss term, or
+  gradient, update or parameter norm."""
   for offset, metrics in enumerate(history):
-    for term in ["loss", "ce"] + sorted(k for k in metrics if "/" in k):
+    terms = (["loss", "ce"] + sorted(k for k in metrics if "/" in k)
+             + [k for k in _NORMS if k in metrics])
+    for term in terms:
       value = metrics[term]
       if not math.isfinite(value):
         kept = (f"the last good checkpoint (step {last_good}) is kept in "
@@ -139,3 +148,38 @@ def restore(manager, step: int, abstract_state, workdir: Path):
         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move that step's "
         "folder aside to resume from an earlier one, or use a new --workdir"
     ) from None
+
+
+def restore_latest(config, workdir: Path, abstract_state):
+  """``(manager, step, state)`` from the newest readable checkpoint, or
+  ``(manager, None, None)`` when the workdir has none.
+
+  A checkpoint that cannot be read is moved aside, never deleted, into
+  ``workdir/unreadable_checkpoints/`` (the log says which step and why), and
+  the next older one is tried; only when none is readable does it stop, with
+  a one-line RuntimeError.
+  """
+  manager = checkpoint_manager(config, workdir)
+  skipped = []
+  while manager.latest_step() is not None:
+    step = manager.latest_step()
+    try:
+      return manager, step, restore(manager, step, abstract_state, workdir)
+    except RuntimeError as e:
+      if jax.process_count() > 1:
+        raise  # every process must agree; leave the choice to a person
+      manager.close()
+      aside = workdir / "unreadable_checkpoints" / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+      aside.parent.mkdir(exist_ok=True)
+      (workdir / "checkpoints" / str(step)).rename(aside)
+      logging.warning("skipped the checkpoint of step %d, moved to %s: %s",
+                      step, aside, e)
+      skipped.append(f"step {step} (moved to {aside})")
+      manager = checkpoint_manager(config, workdir)
+  if skipped:
+    manager.close()
+    raise RuntimeError(
+        f"no readable checkpoint in {workdir / 'checkpoints'}: "
+        + ", ".join(skipped) + "; nothing was deleted; use a new --workdir "
+        "to start again")
+  return manager, None, None

@@ -45,6 +45,18 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypa
   assert again == results
 
 
+def test_one_seed_table_has_no_interval_and_strict_json(fashion, tmp_path,
+                                                        smoke_config):
+  compare.run_comparison(smoke_config(num_epochs=1), str(tmp_path),
+                         objectives=("ce", "gini_kl"), seeds=1, dataset=fashion)
+  saved = json.loads((tmp_path / "results.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+  assert saved["results"]["gini_kl"]["diff_to_ce_ci95"] is None
+  row = [l for l in (tmp_path / "results.md").read_text().splitlines()
+         if l.startswith("| CE+Gini+KL |")][0]
+  assert "[" not in row.split("|")[3]
+
+
 def test_harness_rejects_bad_arguments(tmp_path, smoke_config):
   with pytest.raises(config_lib.ConfigError,
                      match=r"unknown objective\(s\) \['entropy'\]"):

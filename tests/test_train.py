@@ -20,6 +20,7 @@ Resuming the same program on the same machine is exact (bit for bit).
 import json
 import os
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ import tensorflow_datasets as tfds
 
 from discrim_jax import config_lib
 from discrim_jax import data
+from discrim_jax import models
 from discrim_jax import steps
 from discrim_jax import train
 from discrim_jax import workdir as workdir_lib
@@ -247,10 +249,42 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path,
   config.schedule.boundaries_epochs = (1,)
   config.schedule.decay = 1e32
   with pytest.raises(FloatingPointError,
-                     match=r"non-finite \S+ = nan at step [6-9].*step 5\) is kept"):
+                     match=r"non-finite \S+ = (nan|inf) at step [6-9].*step 5\) is kept"):
     train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
   assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["5"]
   assert not (tmp_path / "summary.json").exists()
+
+
+def test_non_finite_gradient_with_finite_loss_stops_the_run(
+    fashion, tmp_path, smoke_config, monkeypatch):
+  """A gradient that overflows while the loss stays finite stops the run like
+  a non-finite loss term: named, with step, before any later checkpoint."""
+  plain = steps.train_step
+
+  def overflowing(state, batch, **kwargs):
+    new_state, metrics = plain(state, batch, **kwargs)
+    metrics["grad_norm"] = jax.numpy.where(state.step >= 6, jax.numpy.inf,
+                                           metrics["grad_norm"])
+    return new_state, metrics
+
+  monkeypatch.setattr(steps, "train_step", overflowing)
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite grad_norm = inf at step 7;.*step 5\) is kept"):
+    train.train_and_evaluate(smoke_config(), str(tmp_path), dataset=fashion)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["5"]
+
+
+def test_rerun_of_a_finished_run_keeps_its_throughput_in_strict_json(
+    fashion, tmp_path, smoke_config):
+  config = smoke_config(num_epochs=1, log_every_steps=1)
+  first = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  again = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  strict = json.loads((tmp_path / "summary.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+  assert first["train_images_per_s"] > 0
+  assert strict["train_images_per_s"] == again["train_images_per_s"] == (
+      first["train_images_per_s"])
+  assert strict["test_accuracy"] == first["test_accuracy"]
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -409,16 +443,60 @@ def test_ynn_fusion_reaches_the_compiled_step_and_keeps_the_numbers(fashion,
                                 atol=FLOAT32_FIRST_STEP_RTOL)
 
 
-def test_corrupt_checkpoint_gives_clear_error_and_is_kept(fashion, tmp_path,
-                                                         smoke_config):
+def _corrupt(step_dir: Path, kind: str) -> list[Path]:
+  """Overwrites the files of one kind in a checkpoint folder; returns them.
+  ``kind``: part of the file name, or ``data`` for the array chunks."""
+  hit = [p for p in step_dir.rglob("*") if p.is_file() and (
+      p.parent.name == "d" if kind == "data" else kind in p.name)]
+  for path in hit:
+    path.write_bytes(b"corrupt")
+  return hit
+
+
+def test_unreadable_latest_checkpoint_is_moved_aside_and_an_older_one_used(
+    fashion, tmp_path, smoke_config, read_metrics):
+  config = smoke_config()
+  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
+
+  def die_at(step):
+    if step == 9:
+      raise Interrupt()
+
+  work = tmp_path / "cut"
+  with pytest.raises(Interrupt):
+    train.train_and_evaluate(config, str(work), dataset=fashion, step_callback=die_at)
+  # A newer checkpoint (a copy of step 5's as step 7) whose files are corrupt.
+  shutil.copytree(work / "checkpoints" / "5", work / "checkpoints" / "7")
+  assert _corrupt(work / "checkpoints" / "7", "manifest")
+  train.train_and_evaluate(config, str(work), dataset=fashion)
+  aside = list((work / "unreadable_checkpoints").iterdir())
+  assert [p.name.split(".")[0] for p in aside] == ["7"]
+  assert read_metrics(work) == read_metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("kind", ["manifest", "_METADATA", "data"])
+def test_no_readable_checkpoint_stops_with_one_line_and_keeps_files(
+    fashion, tmp_path, smoke_config, kind):
   config = smoke_config(num_epochs=1)
   train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
-  for path in (tmp_path / "checkpoints" / "5").rglob("*"):
-    if path.is_file() and "manifest" in path.name:
-      path.write_bytes(b"corrupt")
-  with pytest.raises(RuntimeError, match=r"cannot restore the checkpoint of step 5.*move"):
+  assert _corrupt(tmp_path / "checkpoints" / "5", kind), kind
+  with pytest.raises(RuntimeError,
+                     match=r"no readable checkpoint .*step 5 \(moved to .*nothing was deleted"):
     train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
-  assert (tmp_path / "checkpoints" / "5").exists()
+  (moved,) = (tmp_path / "unreadable_checkpoints").iterdir()
+  assert any(p.is_file() for p in moved.rglob("*"))
+
+
+def test_checkpoint_with_corrupt_step_metadata_still_resumes(
+    fashion, tmp_path, smoke_config):
+  """orbax's per-step _CHECKPOINT_METADATA (timestamps) is not needed to
+  restore: such a checkpoint is used, not moved aside."""
+  config = smoke_config(num_epochs=1)
+  first = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  assert _corrupt(tmp_path / "checkpoints" / "5", "_CHECKPOINT_METADATA")
+  again = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  assert again["test_accuracy"] == first["test_accuracy"]
+  assert not (tmp_path / "unreadable_checkpoints").exists()
 
 
 def test_config_arguments():
@@ -452,7 +530,7 @@ def test_cli_unknown_field_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("config_file,shape,num_classes", [
     ("cifar100", (32, 32, 3), 100), ("caltech101", (224, 224, 3), 102)])
-@pytest.mark.parametrize("model", ["resnet17", "resnet18", "resnet50", "cvt13"])
+@pytest.mark.parametrize("model", sorted(models.MODELS))
 def test_every_paper_config_builds_its_first_step(config_file, shape, num_classes,
                                                   model):
   """Traces and lowers the first train step of each paper config (no compile:
