@@ -79,11 +79,17 @@ def run_with_one_line_errors(fn):
   """Runs ``fn()`` for an entry point: quiet library logs, the compilation
   cache, and a one-line ``error: ...`` with exit status 1 for the errors a
   user can act on (bad config values, missing data, NaN, unreadable
-  checkpoints)."""
+  checkpoints); a run stopped by SIGTERM/SIGINT after saving its checkpoint
+  prints one ``preempted: ...`` line and exits with status 75."""
   quiet_library_logs()
   enable_compilation_cache()
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
   try:
     return fn()
+  except train.Preempted as e:
+    logging.flush()
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(train.Preempted.exit_code)
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.flush()
     print(f"error: {one_line(e)}", file=sys.stderr)

@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_epochs = 1
   c.keep_checkpoints = 2
+  # Also checkpoint every N steps between evaluations (0: at evaluations
+  # only), for long epochs; SIGTERM/SIGINT always checkpoint the last step.
+  c.checkpoint_every_steps = 0
   # The fusion kinds (of dot, reduce, eltwise) that XLA:CPU hands to the
   # YNNPACK library. "dot,reduce" keeps convolutions on XLA's own (Eigen)
   # kernels, which are faster here than XLA's default of handing them to
@@ -176,6 +179,9 @@ def validate_config(config, num_devices: int) -> None:
                 "keep_checkpoints", "eval_every_epochs"):
     if config[field] < 1:
       raise ConfigError(f"config.{field} must be >= 1, got {config[field]}")
+  if config.get("checkpoint_every_steps", 0) < 0:
+    raise ConfigError("config.checkpoint_every_steps must be >= 0 (0: at "
+                      f"evaluations only), got {config.checkpoint_every_steps}")
   if config.optimizer.lr <= 0:
     raise ConfigError(f"config.optimizer.lr must be > 0, got {config.optimizer.lr}")
   if config.optimizer.name not in ("sgd", "adamw"):

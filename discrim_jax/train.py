@@ -22,6 +22,8 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
+import signal
+import threading
 import time
 from typing import Any
 
@@ -208,6 +210,8 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
     return summaries
   finally:
     for r in replicas:
+      if r.log is not None:
+        r.log.close()  # flushes the writers; a no-op when closed already
       if r.manager is not None:
         r.manager.wait_until_finished()
         r.manager.close()
@@ -222,54 +226,130 @@ def _earlier_throughput(workdir: Path) -> float | None:
   return None
 
 
+class Preempted(Exception):
+  """A run stopped by SIGTERM/SIGINT (or a multi-host preemption notice) after
+  saving a checkpoint of its last step; rerunning the command resumes it."""
+
+  exit_code = 75  # EX_TEMPFAIL: try again
+
+
+class _StopRequests:
+  """SIGTERM and SIGINT set a flag that the loop reads after each step (one
+  process); several processes agree on the step through orbax/JAX's
+  preemption sync point instead, which JAX's own SIGTERM handler drives."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+    logging.warning("received %s: stopping after this step (a second one "
+                    "stops at once)", signal.Signals(signum).name)
+    self.__exit__()  # the next signal acts as it did before
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def stop(self, manager, step: int) -> str | None:
+    """Why the run must stop after ``step``, or None."""
+    if self.signal is not None:
+      return signal.Signals(self.signal).name
+    if jax.process_count() > 1 and manager.reached_preemption(step):
+      return "a preemption notice"
+    return None
+
+
 def _train_loop(program: _Program, step: int, replicas: list[_Replica],
                 step_callback) -> float | None:
   """Trains to the end from ``step``; returns the images/s of all replicas
-  (None when no whole log interval after the first was timed)."""
+  (None when no whole log interval after the first was timed).
+
+  Checkpoints: at each evaluation, every ``config.checkpoint_every_steps``
+  (0: evaluations only) and when asked to stop (:class:`Preempted`). A
+  checkpoint between log steps carries the log interval's per-step metrics
+  (``workdir.save_interval``), so that a resumed run logs what an
+  uninterrupted one does.
+  """
   trainer = program.trainer
   config = trainer.config
   total = trainer.total_steps
   eval_every = config.eval_every_epochs * trainer.steps_per_epoch
+  every = config.get("checkpoint_every_steps", 0)
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   report = periodic_actions.ReportProgress(
       num_train_steps=total, writer=replicas[0].log.writer,
       every_steps=config.log_every_steps, every_secs=60)
   pending: list[dict[str, jax.Array]] = []
-  pending_start = step
+  # Host copies of this log interval's per-step metrics, per replica: those
+  # fetched at a checkpoint, or restored with it.
+  carried = [workdir_lib.load_interval(r.workdir, step) for r in replicas]
+  first_step = carried[0][0]
+  carried = [history for _, history in carried]
   timed_steps, timed_seconds, t_mark = 0, 0.0, None
   batches = program.batches(step)
-  while step < total:
-    pending.append(program.step(next(batches)))
-    step += 1
-    if step_callback is not None:
-      step_callback(step)
-    report(step)
-    is_eval = step % eval_every == 0 or step == total
-    is_log = step % config.log_every_steps == 0 or is_eval
-    if is_log:
-      history = jax.device_get(pending)
+  with _StopRequests() as requests:
+    while step < total:
+      pending.append(program.step(next(batches)))
+      step += 1
+      if step_callback is not None:
+        step_callback(step)
+      report(step)
+      stop = requests.stop(replicas[0].manager, step)
+      is_eval = step % eval_every == 0 or step == total
+      is_log = step % config.log_every_steps == 0 or is_eval
+      is_save = is_eval or bool(every and step % every == 0) or stop is not None
+      if is_log or is_save:
+        history = jax.device_get(pending)
+        for i, r in enumerate(replicas):
+          carried[i] += program.split_metrics(history, i)
+          workdir_lib.check_finite(carried[i], first_step,
+                                   r.manager.latest_step(), r.workdir)
+        if t_mark is not None:
+          timed_steps += len(pending)
+        pending = []
+      if is_log:
+        for r, mine in zip(replicas, carried):
+          means = {k: float(np.mean([h[k] for h in mine])) for k in mine[-1]}
+          means["learning_rate"] = mine[-1]["learning_rate"]  # the last step's
+          r.log.write(step, "train", means)
+        # Throughput over whole log intervals, excluding the first (compile).
+        if t_mark is not None:
+          timed_seconds += time.time() - t_mark
+        carried, first_step = [[] for _ in replicas], step + 1
+      if is_eval:
+        results = program.evaluate("validation")
       for i, r in enumerate(replicas):
-        mine = program.split_metrics(history, i)
-        workdir_lib.check_finite(mine, pending_start + 1,
-                                 r.manager.latest_step(), r.workdir)
-        means = {k: float(np.mean([h[k] for h in mine])) for k in mine[-1]}
-        means["learning_rate"] = mine[-1]["learning_rate"]  # the last step's
-        r.log.write(step, "train", means)
-      # Throughput over whole log intervals, excluding the first (compile).
-      now = time.time()
-      if t_mark is not None:
-        timed_steps += len(pending)
-        timed_seconds += now - t_mark
-      pending, pending_start = [], step
-    if is_eval:
-      for i, (r, val) in enumerate(zip(replicas, program.evaluate("validation"))):
-        r.log.write(step, "validation", val)
-        r.manager.save(step, args=ocp.args.StandardSave(program.replica_state(i)),
-                       metrics={"accuracy": val["accuracy"]})
-        logging.info("step %d: seed %d validation accuracy %.4f", step,
-                     r.config.seed, val["accuracy"])
-    if is_log:
-      t_mark = time.time()
+        if is_eval:
+          r.log.write(step, "validation", results[i])
+          logging.info("step %d: seed %d validation accuracy %.4f", step,
+                       r.config.seed, results[i]["accuracy"])
+        if is_save:
+          if not is_log:
+            workdir_lib.save_interval(r.workdir, r.manager, step, first_step,
+                                      carried[i])
+          # A checkpoint without a validation score is never the best.
+          accuracy = results[i]["accuracy"] if is_eval else -1.0
+          r.manager.save(step, args=ocp.args.StandardSave(program.replica_state(i)),
+                         metrics={"accuracy": accuracy})
+      if is_log:
+        t_mark = time.time()
+      if stop is not None and step < total:
+        for r in replicas:
+          r.manager.wait_until_finished()
+        raise Preempted(
+            f"stopped by {stop} at step {step} of {total}; its checkpoint is "
+            f"saved in {replicas[0].workdir / 'checkpoints'}: rerun the same "
+            "command to resume")
   if timed_seconds == 0:
     return None
   return timed_steps * config.batch_size * len(replicas) / timed_seconds

@@ -96,8 +96,10 @@ class MetricsLog:
         f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
 
   def close(self):
-    self.writer.flush()
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.flush()
+      self.writer.close()
+      self.writer = None
 
 
 # Checked after the loss terms: a non-finite gradient, update or parameter
@@ -183,3 +185,34 @@ def restore_latest(config, workdir: Path, abstract_state):
         + ", ".join(skipped) + "; nothing was deleted; use a new --workdir "
         "to start again")
   return manager, None, None
+
+
+_INTERVALS = "train_intervals.json"
+
+
+def save_interval(workdir: Path, manager, step: int, first_step: int,
+                  history: list[dict[str, float]]) -> None:
+  """Records the per-step metrics of the log interval a checkpoint of
+  ``step`` cuts (steps ``first_step``..``step``), for :func:`load_interval`.
+  Entries of checkpoints that no longer exist are dropped."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / _INTERVALS
+  saved = json.loads(path.read_text()) if path.exists() else {}
+  keep = {str(s) for s in manager.all_steps()}
+  saved = {k: v for k, v in saved.items() if k in keep}
+  saved[str(step)] = {"first_step": first_step, "history": history}
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(saved, allow_nan=True))
+  tmp.rename(path)
+
+
+def load_interval(workdir: Path, step: int) -> tuple[int, list[dict[str, float]]]:
+  """``(first step, per-step metrics)`` of the log interval that a run
+  restored at ``step`` is in the middle of (nothing when ``step`` ended one)."""
+  path = workdir / _INTERVALS
+  if path.exists():
+    entry = json.loads(path.read_text()).get(str(step))
+    if entry is not None:
+      return entry["first_step"], entry["history"]
+  return step + 1, []

@@ -21,8 +21,10 @@ import json
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -113,6 +115,74 @@ def test_kill_and_resume_equals_uninterrupted_exactly(fashion, tmp_path,
   train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion)
   # The same program on the same machine from the same state: bit for bit.
   assert read_metrics(tmp_path / "whole") == read_metrics(tmp_path / "cut")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigterm_at_a_random_step_then_resume_equals_uninterrupted(
+    fashion, tmp_path, smoke_config, read_metrics, seed):
+  """SIGTERM: the step in flight finishes, a checkpoint of it is saved (with
+  the log interval's metrics so far), the run stops with Preempted; rerunning
+  ends with exactly the uninterrupted run's records."""
+  config = smoke_config()
+  kill_at = int(np.random.default_rng(seed).integers(1, 10))  # of 10 steps
+  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
+
+  def sigterm(step):
+    if step == kill_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(train.Preempted, match=rf"SIGTERM at step {kill_at} of 10"):
+    train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion,
+                             step_callback=sigterm)
+  assert str(kill_at) in [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed
+  train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion)
+  assert read_metrics(tmp_path / "cut") == read_metrics(tmp_path / "whole")
+
+
+def test_checkpoint_every_steps_resumes_mid_interval_exactly(
+    fashion, tmp_path, smoke_config, read_metrics):
+  config = smoke_config(checkpoint_every_steps=3, log_every_steps=4)
+  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
+
+  def die_at(step):
+    if step == 8:
+      raise Interrupt()
+
+  with pytest.raises(Interrupt):
+    train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion,
+                             step_callback=die_at)
+  # Checkpoints at 3, 5 (evaluation) and 6; 6 cut the interval 6..8.
+  steps = sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir())
+  assert steps[-1] == 6
+  train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion)
+  assert read_metrics(tmp_path / "cut") == read_metrics(tmp_path / "whole")
+  summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+  assert summary["best_validation_step"] in (5, 10)  # never an unscored one
+
+
+def test_cli_sigterm_saves_and_exits_75_with_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.Popen(
+      [sys.executable, str(REPO / "experiments" / "train.py"),
+       "--config=experiments/configs/fashion_mnist.py:smoke",
+       f"--workdir={workdir}", "--config.num_epochs=50",
+       "--config.log_every_steps=1", "--config.num_devices=1"],
+      cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  metrics = workdir / "metrics.jsonl"
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, "the run did not start"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 75, stderr[-2000:]
+  lines = [l for l in stderr.splitlines() if l.startswith("preempted:")]
+  assert len(lines) == 1 and "rerun the same command to resume" in lines[0]
+  assert "Traceback" not in stderr
+  step = int(lines[0].split(" at step ")[1].split()[0])
+  assert str(step) in [p.name for p in (workdir / "checkpoints").iterdir()]
 
 
 def _metrics_close(a, b, rtol, what):
