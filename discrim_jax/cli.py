@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+from pathlib import Path
 import sys
 
 from absl import flags
@@ -18,6 +19,26 @@ def one_line(error: BaseException) -> str:
   if any(line.startswith("Traceback") for line in lines):
     lines = lines[-1:]
   return " ".join(lines)
+
+
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False,
+    "Print the full log (absl INFO records, CLU's metric lines, TFDS's "
+    "progress bars) on the console too; it always goes to WORKDIR/log.txt.")
+
+
+def route_logs(workdir: str) -> Path:
+  """Sends the full log to ``workdir/log.txt``; the console keeps warnings,
+  errors, the progress line and the results unless ``--verbose``."""
+  path = Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  handler = std_logging.FileHandler(path / "log.txt")
+  handler.setFormatter(logging.PythonFormatter())
+  std_logging.getLogger().addHandler(handler)
+  if not _VERBOSE.value:
+    logging.get_absl_handler().setLevel(std_logging.WARNING)
+    os.environ["DISCRIM_JAX_QUIET_TFDS"] = "1"
+  return path / "log.txt"
 
 
 def parse_flags(argv):

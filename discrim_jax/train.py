@@ -18,6 +18,7 @@ layer over the test split, for the best-validation model).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from discrim_jax import data as data_lib
+from discrim_jax import progress as progress_lib
 from discrim_jax import steps as steps_lib
 from discrim_jax import workdir as workdir_lib
 
@@ -297,7 +299,12 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
   carried = [history for _, history in carried]
   timed_steps, timed_seconds, t_mark = 0, 0.0, None
   batches = program.batches(step)
-  with _StopRequests() as requests:
+  progress = progress_lib.Progress(
+      total, step, batch_size=config.batch_size * len(replicas),
+      desc=f"{config.objective} seed{'s' if program.stacked else ''} "
+           + ",".join(map(str, program.seeds)),
+      enabled=jax.process_index() == 0)
+  with _StopRequests() as requests, contextlib.closing(progress):
     while step < total:
       pending.append(program.step(next(batches)))
       step += 1
@@ -322,6 +329,7 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
           means = {k: float(np.mean([h[k] for h in mine])) for k in mine[-1]}
           means["learning_rate"] = mine[-1]["learning_rate"]  # the last step's
           r.log.write(step, "train", means)
+        progress.update(step, loss=means["loss"], accuracy=means["accuracy"])
         # Throughput over whole log intervals, excluding the first (compile).
         if t_mark is not None:
           timed_seconds += time.time() - t_mark
@@ -331,8 +339,9 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
       for i, r in enumerate(replicas):
         if is_eval:
           r.log.write(step, "validation", results[i])
-          logging.info("step %d: seed %d validation accuracy %.4f", step,
-                       r.config.seed, results[i]["accuracy"])
+          progress.note(f"{config.objective} seed {r.config.seed}: step "
+                        f"{step}/{total}, validation accuracy "
+                        f"{results[i]['accuracy']:.4f}")
         if is_save:
           if not is_log:
             workdir_lib.save_interval(r.workdir, r.manager, step, first_step,
@@ -343,6 +352,8 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
                          metrics={"accuracy": accuracy})
       if is_log:
         t_mark = time.time()
+      else:
+        progress.update(step)
       if stop is not None and step < total:
         for r in replicas:
           r.manager.wait_until_finished()

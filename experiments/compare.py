@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from discrim_jax import cli
 from discrim_jax.cli import parse_flags, run_with_one_line_errors
 from discrim_jax.config_lib import OBJECTIVES
 
@@ -36,6 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from discrim_jax import compare  # pylint: disable=g-import-not-at-top
+  cli.route_logs(_WORKDIR.value)
   results = run_with_one_line_errors(lambda: compare.run_comparison(
       _CONFIG.value, _WORKDIR.value, objectives=_OBJECTIVES.value,
       seeds=_SEEDS.value, vmap_seeds=_VMAP_SEEDS.value))

@@ -34,6 +34,8 @@ def main(argv):
   # Imported here so that --help stays fast and TF/JAX start after flag parsing.
   from discrim_jax import train  # pylint: disable=g-import-not-at-top
 
+  cli.route_logs(_WORKDIR.value)
+
   def run():
     config = _CONFIG.value  # a config file that fails to load raises here
     cli.maybe_initialize_distributed(_DISTRIBUTED.value)

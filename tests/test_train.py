@@ -20,6 +20,7 @@ Resuming the same program on the same machine is exact (bit for bit).
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 import signal
 import subprocess
@@ -183,6 +184,11 @@ def test_cli_sigterm_saves_and_exits_75_with_one_line(tmp_path):
   assert "Traceback" not in stderr
   step = int(lines[0].split(" at step ")[1].split()[0])
   assert str(step) in [p.name for p in (workdir / "checkpoints").iterdir()]
+  # The console has the progress lines; absl's INFO records go to log.txt.
+  absl_info = re.compile(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.M)
+  assert not absl_info.search(stderr), stderr[-2000:]
+  assert absl_info.search((workdir / "log.txt").read_text())
+  assert re.search(r"^gini_kl seed 0: step \d+/500", stderr, re.M), stderr[-2000:]
 
 
 def _metrics_close(a, b, rtol, what):

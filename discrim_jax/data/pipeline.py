@@ -72,6 +72,8 @@ def _tf():
         "install the project's dependencies: pip install -e .") from e
   # TensorFlow must not grab the accelerators JAX is going to use.
   tf.config.set_visible_devices([], "GPU")
+  if os.environ.get("DISCRIM_JAX_QUIET_TFDS"):  # set by cli.route_logs
+    tfds.disable_progress_bar()
   return tf, tfds
 
 
