@@ -4,7 +4,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What `make run` needs; `make test` adds the test, PyTorch-reference and
+# benchmark extras. ACCEL=cuda12 (NVIDIA GPUs) or ACCEL=tpu (Cloud TPU VMs)
+# also installs JAX for that accelerator: `make run ACCEL=cuda12`.
+ACCEL ?=
+comma := ,
+EXTRAS := $(if $(ACCEL),[$(ACCEL)],)
+TEST_EXTRAS := [test,pretrained,bench$(if $(ACCEL),$(comma)$(ACCEL),)]
+STAMP := $(VENV)/.installed-run$(ACCEL)
+TEST_STAMP := $(VENV)/.installed-test$(ACCEL)
+# PyTorch's own index of CPU-only wheels (about 1 GB installed, against 5 GB
+# for the default build with CUDA libraries); used where it can be reached.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Debian's Fashion-MNIST: system-wide (apt-get install) or unpacked without root.
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 FMNIST_CACHE := $(HOME)/.cache/discrim_jax/deb
@@ -12,17 +23,33 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup data run test bench bench-input clean
+.PHONY: setup setup-test data run test bench bench-input clean
 
 setup: $(STAMP)
+setup-test: $(TEST_STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
 	  echo "python3 cannot make virtual environments: installing python3-venv"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
-	$(PYTHON) -m venv $(VENV)
+	[ -x $(BIN)/pip ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,pretrained,bench]'
+	$(BIN)/pip install -q -e '.$(EXTRAS)'
+	@touch $@
+
+# PyTorch's CPU build first where its index answers; otherwise the default
+# build that the extras pull from PyPI.
+$(TEST_STAMP): $(STAMP)
+	@if $(BIN)/python -c 'import torch' 2>/dev/null; then \
+	  echo "PyTorch already installed"; \
+	elif ! { $(BIN)/pip install -q --retries 0 --timeout 15 --index-url $(TORCH_CPU_INDEX) \
+	    torch torchvision && $(BIN)/python -c 'import torchvision.ops'; } >/dev/null 2>&1; then \
+	  echo "No working CPU build of PyTorch from $(TORCH_CPU_INDEX): the default build comes from PyPI"; \
+	  $(BIN)/pip uninstall -q -y torch torchvision >/dev/null 2>&1 || true; \
+	fi
+	$(BIN)/pip install -q -e '.$(TEST_EXTRAS)'
+	@$(BIN)/python -c 'import torch; print("PyTorch", torch.__version__, \
+	  "(CPU build)" if torch.version.cuda is None else "(with CUDA " + torch.version.cuda + " libraries)")'
 	@touch $@
 
 data:
@@ -43,11 +70,11 @@ run: setup data
 	  --workdir=workdirs/fashion_mnist_default --objectives=ce,gini_kl --seeds=1
 
 # 8 fake CPU devices exercise the multi-device paths.
-test: setup data
+test: setup-test data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q tests
 
 # Speed figures: the train/eval steps, the losses' overhead, PyTorch side by side.
-bench: setup data
+bench: setup-test data
 	$(BIN)/python experiments/bench.py --out=bench.json
 
 bench-input: setup data
