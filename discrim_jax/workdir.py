@@ -158,9 +158,16 @@ def restore_latest(config, workdir: Path, abstract_state):
 
   A checkpoint that cannot be read is moved aside, never deleted, into
   ``workdir/unreadable_checkpoints/`` (the log says which step and why), and
-  the next older one is tried; only when none is readable does it stop, with
-  a one-line RuntimeError.
+  the next older one is tried. When none is readable, or a workdir holds only
+  checkpoints moved aside earlier, it stops with a one-line RuntimeError
+  rather than start again over the earlier run's records.
   """
+  aside_dir = workdir / "unreadable_checkpoints"
+  saved = workdir / "checkpoints"
+  if aside_dir.exists() and not (saved.exists() and any(saved.iterdir())):
+    raise RuntimeError(  # before orbax starts any background work
+        f"no readable checkpoint in {saved}; unreadable ones were moved to "
+        f"{aside_dir}; nothing was deleted; use a new --workdir to start again")
   manager = checkpoint_manager(config, workdir)
   skipped = []
   while manager.latest_step() is not None:
@@ -170,20 +177,18 @@ def restore_latest(config, workdir: Path, abstract_state):
     except RuntimeError as e:
       if jax.process_count() > 1:
         raise  # every process must agree; leave the choice to a person
-      manager.close()
-      aside = workdir / "unreadable_checkpoints" / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
-      aside.parent.mkdir(exist_ok=True)
+      aside = aside_dir / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+      aside_dir.mkdir(exist_ok=True)
       (workdir / "checkpoints" / str(step)).rename(aside)
       logging.warning("skipped the checkpoint of step %d, moved to %s: %s",
                       step, aside, e)
       skipped.append(f"step {step} (moved to {aside})")
-      manager = checkpoint_manager(config, workdir)
+      manager.reload()  # the steps on disk, without the one moved aside
   if skipped:
     manager.close()
     raise RuntimeError(
-        f"no readable checkpoint in {workdir / 'checkpoints'}: "
-        + ", ".join(skipped) + "; nothing was deleted; use a new --workdir "
-        "to start again")
+        f"no readable checkpoint in {saved}: " + ", ".join(skipped)
+        + "; nothing was deleted; use a new --workdir to start again")
   return manager, None, None
 
 

@@ -561,6 +561,11 @@ def test_no_readable_checkpoint_stops_with_one_line_and_keeps_files(
     train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
   (moved,) = (tmp_path / "unreadable_checkpoints").iterdir()
   assert any(p.is_file() for p in moved.rglob("*"))
+  # Rerunning does not start again over the earlier run's records.
+  records = (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(RuntimeError, match=r"unreadable ones were moved to .*new --workdir"):
+    train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
+  assert (tmp_path / "metrics.jsonl").read_text() == records
 
 
 def test_checkpoint_with_corrupt_step_metadata_still_resumes(
@@ -595,6 +600,20 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert errors and "unknown model 'resnet99'" in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+def test_cli_unreadable_checkpoint_is_one_line_without_tracebacks(tmp_path):
+  args = ("--config=experiments/configs/fashion_mnist.py:smoke",
+          f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.num_devices=1")
+  assert _cli(*args).returncode == 0
+  (tmp_path / "summary.json").unlink()
+  assert _corrupt(tmp_path / "checkpoints" / "10", "manifest")
+  for expected in ("step 10 \\(moved to", "unreadable ones were moved to"):
+    result = _cli(*args)
+    assert result.returncode == 1
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_cli_unknown_field_is_rejected(tmp_path):
