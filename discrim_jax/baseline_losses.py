@@ -1,0 +1,163 @@
+"""Baseline auxiliary losses for a head-to-head with the Gini/KL terms.
+
+Three well-known ways of making features discriminative, each added to
+cross-entropy with its own weight and computed over the whole (global) batch
+(SPEC section 6). Notation: features ``f`` of shape ``(B, ..., F)`` are
+global-average-pooled to ``(B, F)`` first; ``z`` is ``f`` L2-normalised per
+example (a zero row stays zero); ``y`` the integer labels.
+
+* **Center loss** (Wen et al., ECCV 2016): ``L = mean_i 1/2 ||f_i - c[y_i]||^2``
+  with learnable class centres ``c`` of shape ``(C, F)``.
+* **Orthogonal projection loss** (Ranasinghe et al., ICCV 2021, as in the
+  reference code kahnchana/opl): ``s`` = mean of ``z_i . z_j`` over pairs
+  ``i != j`` of the same class, ``d`` = mean of ``z_i . z_j`` over pairs of
+  different classes (no absolute value), each with ``+1e-6`` in the
+  denominator; ``L = (1 - s) + gamma * d``.
+* **Supervised contrastive loss** (Khosla et al., NeurIPS 2020), one view per
+  image: for each anchor ``i`` with positives ``P(i) = {p != i : y_p = y_i}``,
+  ``l_i = -(1/|P(i)|) sum_{p in P(i)} log(exp(z_i.z_p / t) / sum_{a != i}
+  exp(z_i.z_a / t))``; ``L`` is the mean of ``l_i`` over the anchors that have
+  a positive, 0 if none has.
+
+Statistics are computed in float32 (float64 stays float64). The functions are
+pure and jit-able; under ``jax.jit`` with the batch sharded over a mesh they
+give the global batch's value. Values and gradients are finite for a class
+with one example, a batch of one class, all classes distinct, zero features,
+B = 1 and bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["center_loss", "orthogonal_projection_loss",
+           "supervised_contrastive_loss", "pool", "normalize"]
+
+_EPS = 1e-6  # the reference OPL code's denominator guard
+
+
+def _check(features: jax.Array, labels: jax.Array) -> None:
+  if features.ndim < 2:
+    raise ValueError(f"features must have rank >= 2 (batch first, features "
+                     f"last), got shape {features.shape}")
+  if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+    raise ValueError(f"labels must have shape ({features.shape[0]},), got "
+                     f"{labels.shape} (features have shape {features.shape})")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+
+
+def pool(features: jax.Array) -> jax.Array:
+  """``(B, ..., F)`` -> ``(B, F)``: the mean over the middle axes, in float32
+  (float64 for float64 input)."""
+  x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+  return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+
+
+def normalize(f: jax.Array) -> jax.Array:
+  """Each row divided by its L2 norm; a zero row stays zero, with a zero
+  (not NaN) gradient."""
+  sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+  nonzero = sq > 0
+  # Double `where`: the untaken branch must not produce inf/NaN gradients.
+  return jnp.where(nonzero, f * jax.lax.rsqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def _gram(z: jax.Array) -> jax.Array:
+  return jnp.einsum("if,jf->ij", z, z, precision=jax.lax.Precision.HIGHEST)
+
+
+def center_loss(features: jax.Array, labels: jax.Array,
+                centers: jax.Array) -> jax.Array:
+  """``mean_i 1/2 ||f_i - c[y_i]||^2`` (Wen et al. 2016).
+
+  Args:
+    features: activations of shape ``(B, ..., F)``, pooled to ``(B, F)``.
+    labels: integer labels of shape ``(B,)`` in ``[0, C)``.
+    centers: the class centres, shape ``(C, F)``; trained by gradient (the
+      reference trains them with SGD at their own learning rate, 0.5).
+
+  Returns:
+    A float32 scalar; NaN under ``jax.jit`` if a label is outside ``[0, C)``
+    (a concrete out-of-range label raises ValueError).
+  """
+  _check(features, labels)
+  f = pool(features)
+  if centers.ndim != 2 or centers.shape[1] != f.shape[1]:
+    raise ValueError(f"centers must have shape (C, {f.shape[1]}), got "
+                     f"{centers.shape}")
+  num_classes = centers.shape[0]
+  if not isinstance(labels, jax.core.Tracer) and labels.size:
+    concrete = np.asarray(labels)
+    if concrete.min() < 0 or concrete.max() >= num_classes:
+      raise ValueError(f"labels must lie in [0, {num_classes}), got "
+                       f"[{concrete.min()}, {concrete.max()}]")
+  c = jnp.take(centers.astype(f.dtype), labels, axis=0, mode="clip")
+  value = 0.5 * jnp.mean(jnp.sum(jnp.square(f - c), axis=-1))
+  valid = jnp.all((labels >= 0) & (labels < num_classes))
+  return jnp.where(valid, value, jnp.nan)
+
+
+def orthogonal_projection_loss(features: jax.Array, labels: jax.Array, *,
+                               gamma: float = 0.5) -> jax.Array:
+  """``(1 - s) + gamma * d`` (Ranasinghe et al. 2021; see the module
+  docstring): pulls same-class normalised features together and pushes
+  different classes towards orthogonality.
+
+  Args:
+    features: activations of shape ``(B, ..., F)``, pooled to ``(B, F)``.
+    labels: integer labels of shape ``(B,)`` (any integers).
+    gamma: weight of the different-class term.
+
+  Returns:
+    A float32 scalar. With no same-class pair ``s`` is 0 (the loss is then
+    ``1 + gamma * d``), as in the reference code.
+  """
+  _check(features, labels)
+  z = normalize(pool(features))
+  dot = _gram(z)
+  same = labels[:, None] == labels[None, :]
+  eye = jnp.eye(labels.shape[0], dtype=bool)
+  pos = (same & ~eye).astype(dot.dtype)
+  neg = (~same).astype(dot.dtype)
+  s = jnp.sum(pos * dot) / (jnp.sum(pos) + _EPS)
+  d = jnp.sum(neg * dot) / (jnp.sum(neg) + _EPS)
+  return (1.0 - s) + gamma * d
+
+
+def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
+                                temperature: float = 0.1) -> jax.Array:
+  """The supervised contrastive loss with one view per image (Khosla et al.
+  2020; see the module docstring), on L2-normalised ``embeddings``.
+
+  Args:
+    embeddings: shape ``(B, ..., D)``, pooled to ``(B, D)`` (in the training
+      app: the output of a projection head that inference does not use).
+    labels: integer labels of shape ``(B,)`` (any integers).
+    temperature: ``t``.
+
+  Returns:
+    A float32 scalar: the mean of ``l_i`` over the anchors that have a
+    positive, 0 when none has.
+  """
+  _check(embeddings, labels)
+  z = normalize(pool(embeddings))
+  logits = _gram(z) / temperature
+  b = labels.shape[0]
+  eye = jnp.eye(b, dtype=bool)
+  if b == 1:  # no other example: no anchor has a positive
+    return jnp.zeros((), logits.dtype)
+  # log sum_{a != i} exp(logits[i, a]): every row has b - 1 >= 1 terms.
+  lse = jax.nn.logsumexp(logits, axis=1, where=~eye, keepdims=True)
+  log_prob = logits - lse
+  pos = (labels[:, None] == labels[None, :]) & ~eye
+  num_pos = jnp.sum(pos, axis=1)
+  has_pos = num_pos > 0
+  per_anchor = -jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / jnp.where(
+      has_pos, num_pos, 1)
+  anchors = jnp.sum(has_pos)
+  return jnp.where(anchors > 0,
+                   jnp.sum(jnp.where(has_pos, per_anchor, 0.0))
+                   / jnp.maximum(anchors, 1), 0.0)
