@@ -1,0 +1,127 @@
+"""How good learned features are, beyond accuracy (SPEC section 7).
+
+Functions of feature arrays ``(N, ..., F)`` (pooled to ``(N, F)`` over the
+middle axes) and integer labels, computed with JAX in batches so that large
+splits fit on any device:
+
+* :func:`knn_accuracy`: each test example classified by a vote of its k
+  nearest training examples by cosine similarity, weighted by
+  ``exp(sim / temperature)`` (Wu et al. 2018; k = 20, temperature 0.07);
+* :func:`linear_probe_accuracy`: multinomial logistic regression on frozen,
+  standardised training features (full-batch L-BFGS, small L2), scored on
+  the test features;
+* :func:`nc1`: within-class variability collapse (Papyan et al. 2020),
+  ``trace(S_W pinv(S_B)) / C``; lower is more collapsed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from discrim_jax.baseline_losses import normalize, pool
+
+__all__ = ["knn_accuracy", "linear_probe_accuracy", "nc1"]
+
+
+def _pooled(features) -> jax.Array:
+  return pool(jnp.asarray(features))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_classes"))
+def _knn_predict(queries, bank, bank_labels, *, k, num_classes, temperature):
+  sim = jnp.einsum("qf,nf->qn", queries, bank,
+                   precision=jax.lax.Precision.HIGHEST)
+  top, index = jax.lax.top_k(sim, k)
+  votes = jax.nn.one_hot(bank_labels[index], num_classes) * jnp.exp(
+      top / temperature)[..., None]
+  return jnp.argmax(jnp.sum(votes, axis=1), axis=-1)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, *,
+                 num_classes: int, k: int = 20, temperature: float = 0.07,
+                 batch_size: int = 256) -> float:
+  """Weighted k-nearest-neighbour accuracy on cosine similarity.
+
+  The test split is processed ``batch_size`` examples at a time against all
+  training features: memory is ``batch_size x N_train`` similarities.
+  """
+  bank = normalize(_pooled(train_features))
+  queries = normalize(_pooled(test_features))
+  bank_labels = jnp.asarray(train_labels)
+  k = min(k, bank.shape[0])
+  correct = 0
+  test_labels = np.asarray(test_labels)
+  for start in range(0, queries.shape[0], batch_size):
+    predicted = _knn_predict(queries[start:start + batch_size], bank,
+                             bank_labels, k=k, num_classes=num_classes,
+                             temperature=temperature)
+    correct += int(np.sum(np.asarray(predicted)
+                          == test_labels[start:start + batch_size]))
+  return correct / len(test_labels)
+
+
+def linear_probe_accuracy(train_features, train_labels, test_features,
+                          test_labels, *, num_classes: int, l2: float = 1e-4,
+                          steps: int = 200) -> float:
+  """Accuracy of a multinomial logistic regression trained on the frozen,
+  standardised training features (full-batch L-BFGS for ``steps``
+  iterations, L2 penalty ``l2`` on the weights)."""
+  x = _pooled(train_features)
+  mean, std = jnp.mean(x, axis=0), jnp.std(x, axis=0)
+  std = jnp.where(std > 0, std, 1.0)
+  x = (x - mean) / std
+  x_test = (_pooled(test_features) - mean) / std
+  y = jnp.asarray(train_labels)
+  params = {"w": jnp.zeros((x.shape[1], num_classes), x.dtype),
+            "b": jnp.zeros((num_classes,), x.dtype)}
+
+  def loss(p):
+    logits = x @ p["w"] + p["b"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + 0.5 * l2 * jnp.sum(jnp.square(p["w"]))
+
+  solver = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  @jax.jit
+  def fit(params):
+    def step(carry, _):
+      params, state = carry
+      value, grad = value_and_grad(params, state=state)
+      updates, state = solver.update(grad, state, params, value=value,
+                                     grad=grad, value_fn=loss)
+      return (optax.apply_updates(params, updates), state), None
+    (params, _), _ = jax.lax.scan(step, (params, solver.init(params)), None,
+                                  length=steps)
+    return params
+
+  params = fit(params)
+  predicted = jnp.argmax(x_test @ params["w"] + params["b"], axis=-1)
+  return float(jnp.mean(predicted == jnp.asarray(test_labels)))
+
+
+def nc1(features, labels, *, num_classes: int) -> float:
+  """``trace(S_W pinv(S_B)) / C`` over the classes present.
+
+  ``S_W`` is the average over examples of the outer product of each feature
+  vector's deviation from its class mean; ``S_B`` the average over classes of
+  the class mean's deviation from the global mean (of the class means).
+  """
+  f = _pooled(features)
+  f = f.astype(jnp.promote_types(f.dtype, jnp.float32))
+  onehot = jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=f.dtype)
+  counts = jnp.sum(onehot, axis=0)
+  present = counts > 0
+  means = (onehot.T @ f) / jnp.where(present, counts, 1.0)[:, None]
+  centred = f - onehot @ means
+  s_w = centred.T @ centred / f.shape[0]
+  c = jnp.sum(present)
+  global_mean = jnp.sum(jnp.where(present[:, None], means, 0.0), axis=0) / c
+  between = jnp.where(present[:, None], means - global_mean, 0.0)
+  s_b = between.T @ between / c
+  return float(jnp.trace(s_w @ jnp.linalg.pinv(s_b, hermitian=True)) / c)
