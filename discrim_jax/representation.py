@@ -112,8 +112,7 @@ def nc1(features, labels, *, num_classes: int) -> float:
   vector's deviation from its class mean; ``S_B`` the average over classes of
   the class mean's deviation from the global mean (of the class means).
   """
-  f = _pooled(features)
-  f = f.astype(jnp.promote_types(f.dtype, jnp.float32))
+  f = _pooled(features)  # float32 at least
   onehot = jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=f.dtype)
   counts = jnp.sum(onehot, axis=0)
   present = counts > 0

@@ -294,9 +294,9 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
   pending: list[dict[str, jax.Array]] = []
   # Host copies of this log interval's per-step metrics, per replica: those
   # fetched at a checkpoint, or restored with it.
-  carried = [workdir_lib.load_interval(r.workdir, step) for r in replicas]
-  first_step = carried[0][0]
-  carried = [history for _, history in carried]
+  loaded = [workdir_lib.load_interval(r.workdir, step) for r in replicas]
+  first_step = loaded[0][0]
+  carried = [history for _, history in loaded]
   timed_steps, timed_seconds, t_mark = 0, 0.0, None
   batches = program.batches(step)
   progress = progress_lib.Progress(

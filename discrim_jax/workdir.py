@@ -179,7 +179,7 @@ def restore_latest(config, workdir: Path, abstract_state):
         raise  # every process must agree; leave the choice to a person
       aside = aside_dir / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
       aside_dir.mkdir(exist_ok=True)
-      (workdir / "checkpoints" / str(step)).rename(aside)
+      (saved / str(step)).rename(aside)
       logging.warning("skipped the checkpoint of step %d, moved to %s: %s",
                       step, aside, e)
       skipped.append(f"step {step} (moved to {aside})")
