@@ -28,12 +28,13 @@ B = 1 and bf16 inputs.
 
 from __future__ import annotations
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["center_loss", "orthogonal_projection_loss",
-           "supervised_contrastive_loss", "pool", "normalize"]
+           "supervised_contrastive_loss", "ProjectionHead", "pool", "normalize"]
 
 _EPS = 1e-6  # the reference OPL code's denominator guard
 
@@ -161,3 +162,15 @@ def supervised_contrastive_loss(embeddings: jax.Array, labels: jax.Array, *,
   return jnp.where(anchors > 0,
                    jnp.sum(jnp.where(has_pos, per_anchor, 0.0))
                    / jnp.maximum(anchors, 1), 0.0)
+
+
+class ProjectionHead(nn.Module):
+  """SupCon's projection head (Khosla et al.): pooled features -> Dense(F) ->
+  ReLU -> Dense(``features``). Trained with the model, unused at inference."""
+  features: int = 128
+
+  @nn.compact
+  def __call__(self, x):
+    x = pool(x)
+    x = nn.relu(nn.Dense(x.shape[-1], name="hidden")(x))
+    return nn.Dense(self.features, name="out")(x)

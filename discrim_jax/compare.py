@@ -1,4 +1,5 @@
-"""Reproduction harness: CE vs CE+Gini vs CE+KL vs CE+Gini+KL over seeds.
+"""Reproduction harness: objectives (CE, the Gini/KL terms, the baselines)
+trained over the same seeds and compared with paired statistics.
 
 ``run_comparison`` trains every (objective, seed) pair through
 :func:`discrim_jax.train.train_and_evaluate` in ``WORKDIR/OBJECTIVE/seedN``
@@ -8,8 +9,10 @@ ones resume from their checkpoints), then writes into ``WORKDIR``:
 * ``results.md`` and ``results.json``: mean ± std test accuracy per
   objective, the paired difference to CE (same seeds) with a 95% t-interval,
   best-validation accuracy, the final training Gini and KL values, the test-set
-  Gini impurity of the features, images/s;
-* ``accuracy.png``, ``curves.png``, ``impurity_hist.png``, ``heatmap.png``.
+  Gini impurity of the features, images/s; and the same statistics for each
+  representation metric (kNN and linear-probe accuracy, NC1, test-set Gini);
+* ``accuracy.png``, ``curves.png``, ``impurity_hist.png``, ``heatmap.png`` and
+  ``representation.png`` (each metric's paired difference to CE).
 """
 
 from __future__ import annotations
@@ -27,7 +30,23 @@ from discrim_jax import config_lib
 from discrim_jax import data as data_lib
 from discrim_jax import steps
 from discrim_jax import train
-from discrim_jax.config_lib import OBJECTIVE_NAMES
+from discrim_jax.config_lib import objective_name
+
+
+# The representation metrics a run's test record holds (train.py), by prefix.
+REPRESENTATION_METRICS = ("knn", "probe", "nc1", "gini")
+_METRIC_NAMES = {"test_accuracy": "test accuracy (%)", "knn": "kNN accuracy (%)",
+                 "probe": "linear-probe accuracy (%)", "nc1": "NC1 (lower: more collapsed)",
+                 "gini": "test-set Gini impurity"}
+
+
+def _metric_label(name: str) -> str:
+  kind, _, layer = name.partition("/")
+  return _METRIC_NAMES.get(kind, kind) + (f" at {layer}" if layer else "")
+
+
+def _is_percent(name: str) -> bool:
+  return name.split("/")[0] in ("test_accuracy", "knn", "probe")
 
 
 def run_dir(workdir: Path, objective: str, seed: int) -> Path:
@@ -92,6 +111,10 @@ def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
           "final_kl": {k[3:]: v for k, v in last_train.items()
                        if k.startswith("kl/")},
           "test_gini": {k[5:]: v for k, v in test.items() if k.startswith("gini/")},
+          # Test accuracy and the representation metrics, by one name each.
+          "metrics": {"test_accuracy": summary["test_accuracy"],
+                      **{k: v for k, v in test.items()
+                         if k.split("/")[0] in REPRESENTATION_METRICS}},
       })
     acc = np.array([r["test_accuracy"] for r in runs])
     rows[objective] = {
@@ -102,18 +125,34 @@ def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
             [r["best_validation_accuracy"] for r in runs])),
         "images_per_s_mean": _mean_or_none([r["images_per_s"] for r in runs]),
     }
-  if "ce" in rows:
-    base = np.array([r["test_accuracy"] for r in rows["ce"]["runs"]])
-    for objective, row in rows.items():
-      diff = np.array([r["test_accuracy"] for r in row["runs"]]) - base
-      row["diff_to_ce_mean"] = float(diff.mean())
-      row["diff_to_ce_ci95"] = None  # no interval from one seed
-      if len(diff) > 1:
-        half = (_t_quantile(len(diff) - 1) * diff.std(ddof=1)
-                / math.sqrt(len(diff)))
-        row["diff_to_ce_ci95"] = [float(diff.mean() - half),
-                                  float(diff.mean() + half)]
+  for objective, row in rows.items():
+    names = [k for k in row["runs"][0]["metrics"]
+             if all(k in r["metrics"] for r in row["runs"])]
+    row["metrics"] = {}
+    for name in names:
+      values = np.array([r["metrics"][name] for r in row["runs"]])
+      stats = {"mean": float(values.mean()),
+               "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+      if "ce" in rows and all(name in r["metrics"] for r in rows["ce"]["runs"]):
+        base = np.array([r["metrics"][name] for r in rows["ce"]["runs"]])
+        stats["diff_to_ce_mean"], stats["diff_to_ce_ci95"] = paired_difference(
+            values, base)
+      row["metrics"][name] = stats
+    if "ce" in rows:  # the accuracy's, also at the top level of the row
+      row["diff_to_ce_mean"] = row["metrics"]["test_accuracy"]["diff_to_ce_mean"]
+      row["diff_to_ce_ci95"] = row["metrics"]["test_accuracy"]["diff_to_ce_ci95"]
   return {"seeds": seeds, "objectives": list(objectives), "results": rows}
+
+
+def paired_difference(values, base) -> tuple[float, list[float] | None]:
+  """The mean of ``values - base`` (same seeds) and its 95% t-interval (None
+  from one seed)."""
+  diff = np.asarray(values, float) - np.asarray(base, float)
+  if len(diff) < 2:
+    return float(diff.mean()), None
+  half = _t_quantile(len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+  return float(diff.mean()), [float(diff.mean() - half),
+                              float(diff.mean() + half)]
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -147,20 +186,59 @@ def markdown_table(results: dict[str, Any]) -> str:
     else:
       diff = "–"
     lines.append(
-        f"| {OBJECTIVE_NAMES.get(objective, objective)} "
+        f"| {objective_name(objective)} "
         f"| {100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_std']:.2f} "
         f"| {diff} | {100 * row['best_validation_accuracy_mean']:.2f} "
         f"| {_mean_dict([r['final_gini'] for r in runs])} "
         f"| {_mean_dict([r['final_kl'] for r in runs])} "
         f"| {_mean_dict([r['test_gini'] for r in runs])} "
         f"| {_format(row['images_per_s_mean'], '.0f')} |")
-  lines.append("")
+  lines += ["", *metrics_table(results), ""]
   lines.append(f"Accuracies in %, {results['seeds']} seed(s) per objective; Δ is "
                "the paired difference to CE over the same seeds (t-interval). "
                "Gini/KL columns: the loss layer(s); train values are the last "
                "logged interval, test-set Gini is the feature impurity over the "
                "test split for the best-validation checkpoint.")
   return "\n".join(lines) + "\n"
+
+
+def _cell(stats: dict[str, Any], scale: float, spec: str, diff: bool) -> str:
+  text = f"{format(scale * stats['mean'], spec)} ± {format(scale * stats['std'], spec)}"
+  if diff and "diff_to_ce_mean" in stats:
+    text += f"; Δ {scale * stats['diff_to_ce_mean']:+{spec}}"
+    if stats["diff_to_ce_ci95"] is not None:
+      lo, hi = stats["diff_to_ce_ci95"]
+      text += f" [{scale * lo:+{spec}}, {scale * hi:+{spec}}]"
+  return text
+
+
+def metrics_table(results: dict[str, Any]) -> list[str]:
+  """Markdown lines: one row per metric, one column per objective, each cell
+  ``mean ± std; Δ vs CE [95% CI]``. A layer whose values equal another's in
+  every run (a ResNet's stage4 pools to pre_logits) is shown once."""
+  rows = results["results"]
+  objectives = list(rows)
+  names = [n for n in rows[objectives[0]]["metrics"]
+           if all(n in rows[o]["metrics"] for o in objectives)]
+  shown = []
+  for name in names:
+    kind = name.split("/")[0]
+    twin = next((n for n in shown if n.split("/")[0] == kind and all(
+        [r["metrics"][n] for r in rows[o]["runs"]]
+        == [r["metrics"][name] for r in rows[o]["runs"]] for o in objectives)),
+                None)
+    if twin is None:
+      shown.append(name)
+  if shown == ["test_accuracy"]:
+    return []
+  lines = ["| metric | " + " | ".join(objective_name(o) for o in objectives) + " |",
+           "|---" * (len(objectives) + 1) + "|"]
+  for name in shown:
+    scale, spec = (100.0, ".2f") if _is_percent(name) else (1.0, ".3f")
+    lines.append(f"| {_metric_label(name)} | " + " | ".join(
+        _cell(rows[o]["metrics"][name], scale, spec, o != "ce")
+        for o in objectives) + " |")
+  return lines
 
 
 def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
@@ -172,7 +250,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   objectives = results["objectives"]
   seeds = results["seeds"]
   rows = results["results"]
-  names = [OBJECTIVE_NAMES.get(o, o) for o in objectives]
+  names = [objective_name(o) for o in objectives]
   paths = []
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -219,7 +297,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   for o in shown:
     p = matrices[o][layer]
     ax.hist(1 - (p ** 2).sum(axis=1), bins=30, range=(0, 1), alpha=0.6,
-            label=OBJECTIVE_NAMES.get(o, o))
+            label=objective_name(o))
   ax.set(xlabel="per-feature Gini impurity (test set)", ylabel="features",
          title=f"Feature impurity at {layer} (seed 0)")
   ax.legend()
@@ -236,12 +314,38 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
     sample = rng.choice(p.shape[0], size=min(32, p.shape[0]), replace=False)
     sample = sample[np.argsort(p[sample].argmax(axis=1), kind="stable")]
     im = ax.imshow(p[sample], aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set(title=f"{OBJECTIVE_NAMES.get(o, o)}: P[feature, class]",
+    ax.set(title=f"{objective_name(o)}: P[feature, class]",
            xlabel="class", ylabel=f"{len(sample)} sampled features")
   fig.colorbar(im, ax=list(axes))
   paths.append(workdir / "heatmap.png")
   fig.savefig(paths[-1], dpi=120)
   plt.close(fig)
+
+  others = [o for o in objectives if o != "ce"]
+  metrics = [n for n in rows[objectives[0]]["metrics"]
+             if all("diff_to_ce_mean" in rows[o]["metrics"].get(n, {})
+                    for o in others)]
+  if "ce" in rows and others and metrics:
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2),
+                             squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+      scale = 100.0 if _is_percent(name) else 1.0
+      for i, o in enumerate(others):
+        stats = rows[o]["metrics"][name]
+        mean = scale * stats["diff_to_ce_mean"]
+        ci = stats["diff_to_ce_ci95"]
+        err = None if ci is None else [[mean - scale * ci[0]], [scale * ci[1] - mean]]
+        ax.errorbar([i], [mean], yerr=err, fmt="o", capsize=4)
+      ax.axhline(0, color="k", lw=0.8)
+      ax.set_xticks(range(len(others)), [objective_name(o) for o in others],
+                    rotation=45, ha="right", fontsize=7)
+      ax.set_title("Δ " + _metric_label(name), fontsize=8)
+    fig.suptitle(f"Paired difference to CE, {seeds} seed(s), 95% t-intervals",
+                 fontsize=9)
+    fig.tight_layout()
+    paths.append(workdir / "representation.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
   return paths
 
 
@@ -254,10 +358,16 @@ def run_comparison(config, workdir: str, *, objectives=tuple(config_lib.OBJECTIV
   :func:`discrim_jax.train.train_and_evaluate_seeds` (same results as one
   after another, one compile).
   """
-  unknown = [o for o in objectives if o not in config_lib.OBJECTIVES]
+  unknown = []
+  for o in objectives:
+    try:
+      config_lib.objective_terms(o)
+    except config_lib.ConfigError:
+      unknown.append(o)
   if unknown:
-    raise config_lib.ConfigError(f"unknown objective(s) {unknown}; use some of "
-                                 f"{sorted(config_lib.OBJECTIVES)}")
+    raise config_lib.ConfigError(
+        f"unknown objective(s) {unknown}; use some of "
+        f"{list(config_lib.OBJECTIVES)}, or several joined by '+' (--objectives=...)")
   if seeds < 1:
     raise config_lib.ConfigError(f"--seeds must be >= 1, got {seeds}")
   out = Path(workdir)

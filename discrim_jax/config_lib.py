@@ -18,15 +18,47 @@ from typing import Any
 
 import ml_collections
 
-# The one list of objectives: name -> (Gini term on, KL term on).
+# The auxiliary terms an objective adds to cross-entropy: the paper's Gini
+# and KL terms (config.loss) and the baselines of SPEC section 6
+# (config.baseline).
+TERMS = ("gini", "kl", "center", "opl", "supcon")
+BASELINE_TERMS = ("center", "opl", "supcon")
+TERM_NAMES = {"gini": "Gini", "kl": "KL", "center": "Center", "opl": "OPL",
+              "supcon": "SupCon"}
+# The one list of objectives: name -> the auxiliary terms it adds to CE. Names
+# may be joined with "+" ("gini_kl+center": CE + Gini + KL + center loss).
 OBJECTIVES = {
-    "ce": (False, False),
-    "gini": (True, False),
-    "kl": (False, True),
-    "gini_kl": (True, True),
+    "ce": (),
+    "gini": ("gini",),
+    "kl": ("kl",),
+    "gini_kl": ("gini", "kl"),
+    "center": ("center",),
+    "opl": ("opl",),
+    "supcon": ("supcon",),
 }
-OBJECTIVE_NAMES = {"ce": "CE", "gini": "CE+Gini", "kl": "CE+KL",
-                   "gini_kl": "CE+Gini+KL"}
+
+
+def objective_terms(objective: str) -> tuple[str, ...]:
+  """The auxiliary terms of an objective name, in :data:`TERMS` order;
+  raises ConfigError for an unknown name."""
+  parts = objective.split("+")
+  unknown = [p for p in parts if p not in OBJECTIVES]
+  if unknown:
+    raise ConfigError(
+        f"unknown objective {objective!r}; use one of {list(OBJECTIVES)} or "
+        "several joined by '+', e.g. gini_kl+center (--config.objective=...)")
+  used = {t for p in parts for t in OBJECTIVES[p]}
+  return tuple(t for t in TERMS if t in used)
+
+
+def objective_name(objective: str) -> str:
+  """How tables name an objective: "ce" -> "CE", "gini_kl" -> "CE+Gini+KL"."""
+  try:
+    terms = objective_terms(objective)
+  except ConfigError:
+    return objective
+  return "+".join(["CE"] + [TERM_NAMES[t] for t in terms])
+
 
 # The fields that change a run's results. A workdir resumes only under a
 # config that agrees on all of them; every other field (logging and
@@ -37,6 +69,8 @@ IDENTITY_FIELDS = (
     "dataset", "image_size", "normalize", "validation_seed", "train_subset",
     "eval_subset", "model", "model_kwargs", "init_from", "objective", "loss",
     "num_epochs", "batch_size", "optimizer", "schedule", "seed")
+# ... and, for the baseline terms an objective uses, their settings
+# (config.baseline.<term>): see identity().
 
 # Library fusions XLA:CPU can hand to YNNPACK (config.xla_cpu_ynn_fusion).
 YNN_FUSION_TYPES = ("dot", "reduce", "eltwise")
@@ -85,7 +119,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.layers = ("stage4",)  # the output of the last residual stage
   c.loss.lambda_gini = 0.5
   c.loss.lambda_kl = 0.5
-  c.loss.start_epoch = 10.0  # auxiliary terms switched off before this epoch
+  c.loss.start_epoch = 10.0  # every auxiliary term is off before this epoch
+  # The baseline terms (SPEC section 6), used by objectives center, opl and
+  # supcon (alone or joined with others by "+"), each on one feature layer.
+  c.baseline = ml_collections.ConfigDict(dict(
+      # Wen et al.: centres trained by SGD at their own learning rate, on the
+      # gradient of the unweighted loss (as KaiyangZhou/pytorch-center-loss).
+      center=dict(weight=0.003, layer="pre_logits", lr=0.5),
+      # Ranasinghe et al. (kahnchana/opl).
+      opl=dict(weight=1.0, layer="pre_logits", gamma=0.5),
+      # Khosla et al., one view per image, on a 2-layer MLP projection head
+      # (head_dim outputs) that only training uses. The weight has no
+      # reference value for an auxiliary term: 1.0, as OPL's.
+      supcon=dict(weight=1.0, layer="pre_logits", temperature=0.1,
+                  head_dim=128)))
+  # Representation metrics (SPEC section 7) at the end of a run: kNN and
+  # linear-probe accuracy and NC1 on pre_logits and the loss layers.
+  c.representation = ml_collections.ConfigDict(dict(
+      enabled=True,
+      # The first N training examples' features form the kNN bank and the
+      # probe's training set (0: the whole training split). 10,000 keeps the
+      # metrics under 10% of the default Fashion-MNIST run's time.
+      max_train_examples=10_000))
 
   c.num_epochs = 250
   c.batch_size = 200
@@ -147,16 +202,20 @@ def model_defaults(c: ml_collections.ConfigDict, model: str,
 
 def loss_weights(config) -> tuple[dict[str, float], dict[str, float]]:
   """(gini_weights, kl_weights) from ``config.objective`` and ``config.loss``."""
-  if config.objective not in OBJECTIVES:
-    raise ConfigError(f"unknown objective {config.objective!r}; use one of "
-                      f"{sorted(OBJECTIVES)} (--config.objective=...)")
-  use_gini, use_kl = OBJECTIVES[config.objective]
+  terms = objective_terms(config.objective)
   # Terms that are off get weight 0: they are still computed and logged, so
   # that a CE run shows the Gini and KL values it would have had.
   layers = list(config.loss.layers)
-  gini = {k: float(config.loss.lambda_gini) * use_gini for k in layers}
-  kl = {k: float(config.loss.lambda_kl) * use_kl for k in layers}
+  gini = {k: float(config.loss.lambda_gini) * ("gini" in terms) for k in layers}
+  kl = {k: float(config.loss.lambda_kl) * ("kl" in terms) for k in layers}
   return gini, kl
+
+
+def baselines(config) -> dict[str, dict[str, Any]]:
+  """The settings of the baseline terms the objective uses: ``{term:
+  config.baseline.<term> as a dict}`` (empty for CE and Gini/KL runs)."""
+  return {t: config.baseline[t].to_dict()
+          for t in objective_terms(config.objective) if t in BASELINE_TERMS}
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -174,7 +233,13 @@ def validate_config(config, num_devices: int) -> None:
   if config.model not in models.MODELS:
     raise ConfigError(f"unknown model {config.model!r}; known models: "
                       f"{sorted(models.MODELS)} (--config.model=...)")
-  loss_weights(config)
+  for term, settings in baselines(config).items():
+    if settings["weight"] <= 0:
+      raise ConfigError(f"config.baseline.{term}.weight must be > 0 for "
+                        f"objective {config.objective!r}, got {settings['weight']}")
+  if "center" in baselines(config) and config.baseline.center.lr <= 0:
+    raise ConfigError("config.baseline.center.lr must be > 0, got "
+                      f"{config.baseline.center.lr}")
   for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
                 "keep_checkpoints", "eval_every_epochs"):
     if config[field] < 1:
@@ -224,7 +289,14 @@ def compiler_options(config, platform: str) -> dict[str, Any]:
 
 def identity(config) -> dict[str, Any]:
   """The fields of ``config`` (a ConfigDict or its JSON dict) that make a
-  run's identity, as plain JSON values."""
+  run's identity, as plain JSON values: :data:`IDENTITY_FIELDS` and the
+  settings of the baseline terms its objective uses (a run without them has
+  none, so configs written before they existed keep their identity)."""
   as_dict = (config if isinstance(config, dict)
              else json.loads(config.to_json_best_effort()))
-  return {k: as_dict[k] for k in IDENTITY_FIELDS if k in as_dict}
+  out = {k: as_dict[k] for k in IDENTITY_FIELDS if k in as_dict}
+  used = [t for t in objective_terms(as_dict["objective"])
+          if t in BASELINE_TERMS]
+  if used:
+    out["baseline"] = {t: as_dict["baseline"][t] for t in used}
+  return out

@@ -25,7 +25,7 @@ import optax
 
 from discrim_jax.baseline_losses import normalize, pool
 
-__all__ = ["knn_accuracy", "linear_probe_accuracy", "nc1"]
+__all__ = ["knn_accuracy", "linear_probe_accuracy", "nc1", "evaluate"]
 
 
 def _pooled(features) -> jax.Array:
@@ -124,3 +124,31 @@ def nc1(features, labels, *, num_classes: int) -> float:
   between = jnp.where(present[:, None], means - global_mean, 0.0)
   s_b = between.T @ between / c
   return float(jnp.trace(s_w @ jnp.linalg.pinv(s_b, hermitian=True)) / c)
+
+
+def evaluate(train_features: dict[str, np.ndarray], train_labels,
+             test_features: dict[str, np.ndarray], test_labels, *,
+             num_classes: int) -> dict[str, float]:
+  """All three metrics for each layer: ``{"knn/LAYER", "probe/LAYER",
+  "nc1/LAYER"}`` (NC1 on the test features). A layer whose pooled features
+  equal an earlier one's (a ResNet's stage4 pools to its pre_logits) gets
+  that layer's values without computing them again."""
+  out: dict[str, float] = {}
+  done: list[str] = []
+  for layer in train_features:
+    same = next((d for d in done
+                 if np.array_equal(train_features[d], train_features[layer])
+                 and np.array_equal(test_features[d], test_features[layer])),
+                None)
+    if same is not None:
+      for metric in ("knn", "probe", "nc1"):
+        out[f"{metric}/{layer}"] = out[f"{metric}/{same}"]
+      continue
+    args = (train_features[layer], train_labels, test_features[layer],
+            test_labels)
+    out[f"knn/{layer}"] = knn_accuracy(*args, num_classes=num_classes)
+    out[f"probe/{layer}"] = linear_probe_accuracy(*args, num_classes=num_classes)
+    out[f"nc1/{layer}"] = nc1(test_features[layer], test_labels,
+                              num_classes=num_classes)
+    done.append(layer)
+  return out

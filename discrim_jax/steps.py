@@ -29,12 +29,25 @@ import ml_collections
 import numpy as np
 import optax
 
+from discrim_jax import baseline_losses
 from discrim_jax import config_lib
 from discrim_jax import data as data_lib
 from discrim_jax import losses
 from discrim_jax import models
 from discrim_jax.config_lib import ConfigError
 from discrim_jax.models import common
+
+
+# The key in ``TrainState.params`` of the parameters that only training uses:
+# the class centres of the center loss and SupCon's projection head. Present
+# only for objectives that have them; the model's own parameters (all that
+# evaluation, export and pretrained import see) are the other keys.
+AUX = "aux"
+
+
+def model_params(params) -> dict[str, Any]:
+  """The model's own parameters: ``params`` without the training-only ones."""
+  return {k: v for k, v in params.items() if k != AUX}
 
 
 class TrainState(train_state.TrainState):
@@ -86,15 +99,56 @@ def weight_decay_mask(params) -> Any:
 
 
 def create_optimizer(config, schedule) -> optax.GradientTransformation:
+  """The model's optimiser; with the center loss, its class centres get their
+  own: SGD at ``config.baseline.center.lr`` on the unweighted loss's
+  gradient (the reference divides the centres' gradient by the weight)."""
   o = config.optimizer
   if o.name == "sgd":
     # PyTorch-style L2 on every parameter, as the reference recipe: decay
     # added to the gradient before momentum.
-    return optax.chain(optax.add_decayed_weights(o.weight_decay),
-                       optax.sgd(schedule, momentum=o.momentum or None,
-                                 nesterov=o.nesterov))
-  return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+    tx = optax.chain(optax.add_decayed_weights(o.weight_decay),
+                     optax.sgd(schedule, momentum=o.momentum or None,
+                               nesterov=o.nesterov))
+  else:
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                      mask=weight_decay_mask)
+  center = config_lib.baselines(config).get("center")
+  if center is None:
+    return tx
+  centers_tx = optax.chain(optax.scale(1.0 / center["weight"]),
+                           optax.sgd(center["lr"]))
+
+  def labels(params):
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {path: "centers" if path[:2] == (AUX, "centers") else "main"
+         for path in flat})
+  return optax.multi_transform({"main": tx, "centers": centers_tx}, labels)
+
+
+def baseline_terms(features, labels, aux_params, baselines: dict[str, Any]
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The weighted sum of the baseline terms (``config_lib.baselines``) and
+  each unweighted value, keyed ``center``/``opl``/``supcon``."""
+  terms = {}
+  if "center" in baselines:
+    b = baselines["center"]
+    terms["center"] = baseline_losses.center_loss(
+        features[b["layer"]], labels, aux_params["centers"])
+  if "opl" in baselines:
+    b = baselines["opl"]
+    terms["opl"] = baseline_losses.orthogonal_projection_loss(
+        features[b["layer"]], labels, gamma=b["gamma"])
+  if "supcon" in baselines:
+    b = baselines["supcon"]
+    head = baseline_losses.ProjectionHead(b["head_dim"])
+    embeddings = head.apply({"params": aux_params["projection"]},
+                            features[b["layer"]])
+    terms["supcon"] = baseline_losses.supervised_contrastive_loss(
+        embeddings, labels, temperature=b["temperature"])
+  # Each term is float32 at least (float64 in a float64 model).
+  total = sum(baselines[term]["weight"] * value for term, value in terms.items())
+  return total, terms
 
 
 def _cross_entropy(logits, labels):
@@ -103,21 +157,28 @@ def _cross_entropy(logits, labels):
 
 def train_step(state: TrainState, batch, *, model, num_classes: int,
                gini_weights, kl_weights, aux_start_step: int,
-               schedule: optax.Schedule):
+               schedule: optax.Schedule, baselines=None):
   """One step on a global batch; returns the new state and metrics (the
   loss terms, accuracy, the step's learning rate, gradient, parameter and
-  update norms)."""
+  update norms). Every auxiliary term (Gini/KL and the ``baselines``) is
+  off before ``aux_start_step``."""
   labels = batch["label"]
   rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     (logits, features), updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+        {"params": model_params(params), "batch_stats": state.batch_stats},
+        batch["image"], train=True, rngs={"dropout": rng},
+        mutable=["batch_stats"])
     ce = jnp.mean(_cross_entropy(logits, labels))
     aux, terms = losses.discriminability_loss(
         features, labels, num_classes, gini_weights=gini_weights,
         kl_weights=kl_weights)
+    if baselines:
+      extra, extra_terms = baseline_terms(features, labels, params.get(AUX, {}),
+                                          baselines)
+      aux = aux + extra
+      terms.update(extra_terms)
     aux_scale = (state.step >= aux_start_step).astype(ce.dtype)
     loss = ce + aux_scale * aux
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -138,9 +199,13 @@ def eval_step(state: TrainState, batch, *, model, num_classes: int,
               layers: tuple[str, ...]):
   """Sums over the real examples: correct predictions, cross-entropy and, per
   loss layer, the per-class feature strengths that give the matrix P."""
-  logits, features = model.apply({"params": state.params,
+  logits, features = model.apply({"params": model_params(state.params),
                                   "batch_stats": state.batch_stats},
                                  batch["image"], train=False)
+  return _eval_sums(logits, features, batch, num_classes, layers)
+
+
+def _eval_sums(logits, features, batch, num_classes, layers):
   mask = batch["mask"]
   correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
   ce = _cross_entropy(logits, batch["label"]) * mask
@@ -150,6 +215,20 @@ def eval_step(state: TrainState, batch, *, model, num_classes: int,
         losses.class_feature_sums(features[layer], batch["label"], num_classes,
                                   weights=mask))
   return out
+
+
+def features_step(state: TrainState, batch, *, model, num_classes: int,
+                  loss_layers: tuple[str, ...], layers: tuple[str, ...]):
+  """:func:`eval_step`'s sums and, for the representation metrics, each of
+  ``layers``' features pooled to ``(B, F)`` in float32 (float64 stays
+  float64), with the batch's labels and mask: one pass gives both."""
+  logits, features = model.apply({"params": model_params(state.params),
+                                  "batch_stats": state.batch_stats},
+                                 batch["image"], train=False)
+  return (_eval_sums(logits, features, batch, num_classes, loss_layers),
+          {"features": {layer: baseline_losses.pool(features[layer])
+                        for layer in layers},
+           "label": batch["label"], "mask": batch["mask"]})
 
 
 def load_dataset(config) -> data_lib.Dataset:
@@ -179,6 +258,7 @@ class Trainer:
   eval_step: Callable[..., Any]
   replica_train_step: Callable[..., Any]
   replica_eval_step: Callable[..., Any]
+  features_step: Callable[..., Any]
   init_state: Callable[[int], TrainState]
   abstract_state: Any
   stack: Callable[..., Any]
@@ -219,6 +299,30 @@ class Trainer:
     return [self._results(jax.tree.map(lambda x: x[r], totals), with_features)  # pylint: disable=cell-var-from-loop
             for r in range(len(totals["count"]))]
 
+  def features(self, state, split: str, *, max_examples: int = 0
+               ) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """``(metrics, {layer: (N, F) pooled features}, labels)`` of a split's
+    un-augmented examples, gathered on every host, for the layers of
+    :func:`representation_layers`; ``metrics`` are :meth:`evaluate`'s with
+    ``with_features`` (from the same pass). With ``max_examples`` > 0 only
+    the first examples are read, and ``metrics`` is None."""
+    parts, totals, count = [], None, 0
+    for batch in self.batches(split, train=False):
+      sums, out = jax.device_get(self.features_step(state, batch))
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+      keep = out.pop("mask") > 0
+      parts.append(jax.tree.map(lambda x, keep=keep: x[keep], out))
+      count += int(keep.sum())
+      if max_examples and count >= max_examples:
+        break
+    joined = jax.tree.map(lambda *x: np.concatenate(x), *parts)
+    metrics = None
+    if max_examples:
+      joined = jax.tree.map(lambda x: x[:max_examples], joined)
+    else:
+      metrics = self._results(totals, True)
+    return metrics, joined["features"], joined["label"]
+
   def _totals(self, step, state, split):
     totals = None
     for batch in self.batches(split, train=False):
@@ -241,29 +345,69 @@ class Trainer:
     return metrics, matrices
 
 
-def _init_fn(model, tx, image_shape, dtype):
+def _init_fn(model, tx, image_shape, dtype, aux_init=None):
   def init_state(seed) -> TrainState:
-    variables = model.init(jax.random.key(seed),
-                           jnp.zeros(image_shape, jnp.float32), train=False)
+    key = jax.random.key(seed)
+    variables = model.init(key, jnp.zeros(image_shape, jnp.float32), train=False)
+    params = variables["params"]
+    if aux_init is not None:
+      params = dict(params, **{AUX: aux_init(jax.random.fold_in(key, 1))})
     if dtype == jnp.float64:  # a float64 model keeps float64 parameters
-      variables = jax.tree.map(lambda v: v.astype(dtype), variables)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+      params, variables = jax.tree.map(lambda v: v.astype(dtype),
+                                       (params, variables))
+    return TrainState.create(apply_fn=model.apply, params=params,
                              batch_stats=variables.get("batch_stats", {}), tx=tx,
                              rng=jax.random.PRNGKey(seed + 1))
   return init_state
 
 
-def _check_loss_layers(model, image_shape, layers) -> None:
-  """Raises ConfigError if the loss names a layer the model does not return
-  (checked on shapes alone, before anything is compiled or written)."""
+def _aux_init_fn(baselines, feature_shapes, num_classes):
+  """The initialiser of the training-only parameters, or None: the centres
+  (standard normal, as the reference) and SupCon's projection head."""
+  if "center" not in baselines and "supcon" not in baselines:
+    return None
+
+  def aux_init(key):
+    aux = {}
+    if "center" in baselines:
+      dim = feature_shapes[baselines["center"]["layer"]].shape[-1]
+      aux["centers"] = jax.random.normal(jax.random.fold_in(key, 0),
+                                         (num_classes, dim), jnp.float32)
+    if "supcon" in baselines:
+      b = baselines["supcon"]
+      shape = feature_shapes[b["layer"]]
+      aux["projection"] = baseline_losses.ProjectionHead(b["head_dim"]).init(
+          jax.random.fold_in(key, 1), jnp.zeros(shape.shape, jnp.float32)
+      )["params"]
+    return aux
+  return aux_init
+
+
+def _feature_shapes(model, image_shape) -> dict[str, jax.ShapeDtypeStruct]:
   _, features = jax.eval_shape(
       lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
       jax.ShapeDtypeStruct(image_shape, jnp.float32))
-  missing = [name for name in layers if name not in features]
-  if missing:
-    raise ConfigError(
-        f"config.loss.layers names {missing}, which model {model.__class__.__name__}"
-        f" does not return; available: {sorted(features)} (--config.loss.layers=...)")
+  return features
+
+
+def _check_layers(model, features, config) -> None:
+  """Raises ConfigError if a loss names a layer the model does not return
+  (checked on shapes alone, before anything is compiled or written)."""
+  named = {"config.loss.layers": list(config.loss.layers)}
+  for term, b in config_lib.baselines(config).items():
+    named[f"config.baseline.{term}.layer"] = [b["layer"]]
+  for field, layers in named.items():
+    missing = [name for name in layers if name not in features]
+    if missing:
+      raise ConfigError(
+          f"{field} names {missing}, which model {model.__class__.__name__}"
+          f" does not return; available: {sorted(features)} (--{field}=...)")
+
+
+def representation_layers(config) -> tuple[str, ...]:
+  """The layers whose features the representation metrics score: pre_logits
+  and the loss layers."""
+  return tuple(dict.fromkeys(("pre_logits",) + tuple(config.loss.layers)))
 
 
 def build(config, *, dataset: data_lib.Dataset | None = None,
@@ -280,7 +424,9 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
   num_classes = dataset.num_classes
   model = create_model(config, num_classes)
   image_shape = (1,) + tuple(dataset.image_shape)
-  _check_loss_layers(model, image_shape, config.loss.layers)
+  feature_shapes = _feature_shapes(model, image_shape)
+  _check_layers(model, feature_shapes, config)
+  baselines = config_lib.baselines(config)
   if config.num_devices > 0:
     devices = devices[:config.num_devices]
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
@@ -297,7 +443,8 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
         f"{len(dataset.arrays('train')[1])} training examples of {config.dataset}")
   schedule = create_schedule(config, steps_per_epoch)
   tx = create_optimizer(config, schedule)
-  init_state = _init_fn(model, tx, image_shape, jnp.dtype(model.dtype))
+  init_state = _init_fn(model, tx, image_shape, jnp.dtype(model.dtype),
+                        _aux_init_fn(baselines, feature_shapes, num_classes))
   abstract_state = jax.eval_shape(init_state, 0)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_state = jax.tree.map(
@@ -310,7 +457,7 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
       train_step, model=model, num_classes=num_classes,
       gini_weights=gini_weights, kl_weights=kl_weights,
       aux_start_step=int(config.loss.start_epoch * steps_per_epoch),
-      schedule=schedule), barriers)
+      schedule=schedule, baselines=baselines), barriers)
   evaluate = common.with_fusion_barriers(functools.partial(
       eval_step, model=model, num_classes=num_classes,
       layers=tuple(config.loss.layers)), barriers)
@@ -331,6 +478,13 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
       replica_eval_step=jit(
           jax.vmap(evaluate, in_axes=(0, None)),
           in_shardings=(replicated, batch_sharding), out_shardings=replicated),
+      features_step=jit(
+          common.with_fusion_barriers(functools.partial(
+              features_step, model=model, num_classes=num_classes,
+              loss_layers=tuple(config.loss.layers),
+              layers=representation_layers(config)), barriers),
+          in_shardings=(state_sharding, batch_sharding),
+          out_shardings=replicated),
       init_state=jax.jit(init_state, out_shardings=state_sharding),
       abstract_state=abstract_state,
       stack=jax.jit(lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states),

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from discrim_jax import data as data_lib
 from discrim_jax import progress as progress_lib
+from discrim_jax import representation
 from discrim_jax import steps as steps_lib
 from discrim_jax import workdir as workdir_lib
 
@@ -98,14 +99,17 @@ def _program(trainer: steps_lib.Trainer, seeds: list[int], states) -> _Program:
 
 def _load_pretrained(trainer: steps_lib.Trainer, state):
   from discrim_jax import pretrained  # pylint: disable=g-import-not-at-top
-  variables = jax.device_get({"params": state.params,
+  variables = jax.device_get({"params": steps_lib.model_params(state.params),
                               "batch_stats": state.batch_stats})
   loaded = pretrained.load_pretrained(trainer.config.init_from,
                                       trainer.config.model, variables)
   logging.info("Initialised from %s", trainer.config.init_from)
-  new = state.replace(params=loaded["params"],
+  params = dict(loaded["params"])
+  if steps_lib.AUX in state.params:  # centres / projection head: as initialised
+    params[steps_lib.AUX] = state.params[steps_lib.AUX]
+  new = state.replace(params=params,
                       batch_stats=loaded.get("batch_stats", {}),
-                      opt_state=state.tx.init(loaded["params"]))
+                      opt_state=state.tx.init(params))
   return jax.device_put(new, trainer.state_sharding)
 
 
@@ -185,8 +189,11 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
       best_steps.append(r.manager.best_step())
       best_states.append(workdir_lib.restore(r.manager, best_steps[-1],
                                              trainer.abstract_state, r.workdir))
-    tests = _program(trainer, seeds, best_states).evaluate("test",
-                                                           with_features=True)
+    if config.representation.enabled:
+      tests = [_test_with_representation(trainer, s) for s in best_states]
+    else:
+      tests = _program(trainer, seeds, best_states).evaluate(
+          "test", with_features=True)
     summaries = {}
     for seed, r, best_step, (test, matrices) in zip(seeds, replicas, best_steps,
                                                      tests):
@@ -196,6 +203,9 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
                     else _earlier_throughput(r.workdir))
       summary = {
           "test_accuracy": test["accuracy"], "test_ce": test["ce"],
+          # Representation metrics, test-set Gini and what they cost.
+          **{k: v for k, v in test.items() if k.split("/")[0] in (
+              "knn", "probe", "nc1", "gini", "representation_time_s")},
           "best_validation_step": best_step,
           "best_validation_accuracy": float(
               r.manager.metrics(best_step)["accuracy"]),
@@ -217,6 +227,25 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
       if r.manager is not None:
         r.manager.wait_until_finished()
         r.manager.close()
+
+
+def _test_with_representation(trainer: steps_lib.Trainer, state):
+  """``Trainer.evaluate(state, "test", with_features=True)`` plus kNN and
+  linear-probe accuracy and NC1 (``discrim_jax.representation``) in the
+  metrics, with the seconds they took beyond the test pass itself
+  (``representation_time_s``)."""
+  start = time.time()
+  (test, matrices), test_features, test_labels = trainer.features(state, "test")
+  test_time = time.time() - start
+  _, train_features, train_labels = trainer.features(
+      state, "train",
+      max_examples=trainer.config.representation.max_train_examples)
+  test.update(representation.evaluate(
+      train_features, train_labels, test_features, test_labels,
+      num_classes=trainer.dataset.num_classes))
+  test["representation_time_s"] = time.time() - start - test_time
+  logging.info("test split and representation metrics: %s", test)
+  return test, matrices
 
 
 def _earlier_throughput(workdir: Path) -> float | None:

@@ -46,6 +46,11 @@ def main(argv):
         f"{summary['best_validation_accuracy']:.4f} at step "
         f"{summary['best_validation_step']}); summary in "
         f"{_WORKDIR.value}/summary.json")
+  if "knn/pre_logits" in summary:
+    print(f"features at pre_logits: kNN accuracy {summary['knn/pre_logits']:.4f}"
+          f", linear probe {summary['probe/pre_logits']:.4f}, NC1 "
+          f"{summary['nc1/pre_logits']:.3g} "
+          f"({summary['representation_time_s']:.0f} s to measure)")
 
 
 if __name__ == "__main__":

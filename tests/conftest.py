@@ -73,6 +73,8 @@ def smoke_config(**overrides):
   config.train_subset = 320  # 5 steps of 64 per epoch
   config.log_every_steps = 2
   config.num_devices = 1  # the 8-device path has its own tests; saves compiles
+  # Measuring the features compiles a kNN and a probe: only the tests of it.
+  config.representation.enabled = False
   for key, value in overrides.items():
     target = config
     *path, leaf = key.split(".")

@@ -13,11 +13,13 @@ from discrim_jax import train
 
 def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypatch,
                                                      smoke_config):
-  config = smoke_config(num_epochs=1)
-  results = compare.run_comparison(config, str(tmp_path), objectives=("ce", "gini_kl"),
+  config = smoke_config(num_epochs=1, **{"representation.enabled": True,
+                                         "loss.start_epoch": 0.0})
+  objectives = ("ce", "gini_kl", "opl")
+  results = compare.run_comparison(config, str(tmp_path), objectives=objectives,
                                    seeds=2, dataset=fashion)
   for name in ("results.md", "results.json", "accuracy.png", "curves.png",
-               "impurity_hist.png", "heatmap.png"):
+               "impurity_hist.png", "heatmap.png", "representation.png"):
     assert (tmp_path / name).stat().st_size > 0, name
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved == json.loads(json.dumps(results))
@@ -33,33 +35,53 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypa
       [np.mean(paired) - half, np.mean(paired) + half], abs=1e-9)
   # CE runs log the Gini/KL values they would have had.
   assert set(rows["ce"]["runs"][0]["final_gini"]) == {"stage4"}
+  # Each representation metric gets the same paired statistics.
+  knn = [b["metrics"]["knn/pre_logits"] - a["metrics"]["knn/pre_logits"]
+         for a, b in zip(rows["ce"]["runs"], rows["opl"]["runs"])]
+  stats = rows["opl"]["metrics"]["knn/pre_logits"]
+  assert stats["diff_to_ce_mean"] == pytest.approx(np.mean(knn))
+  half = 12.7062047 * np.std(knn, ddof=1) / math.sqrt(2)
+  assert stats["diff_to_ce_ci95"] == pytest.approx(
+      [np.mean(knn) - half, np.mean(knn) + half], abs=1e-9)
+  assert stats["diff_to_ce_ci95"][1] > stats["diff_to_ce_ci95"][0]  # differ
+  assert set(rows["ce"]["metrics"]) >= {
+      "test_accuracy", "knn/pre_logits", "probe/pre_logits", "nc1/pre_logits",
+      "gini/stage4"}
   table = (tmp_path / "results.md").read_text()
   assert "| CE+Gini+KL |" in table and "| CE |" in table
+  assert "| kNN accuracy (%) at pre_logits |" in table
+  # stage4 pools to pre_logits: its identical rows are shown once.
+  assert "kNN accuracy (%) at stage4" not in table
 
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
-  again = compare.run_comparison(config, str(tmp_path), objectives=("ce", "gini_kl"),
+  again = compare.run_comparison(config, str(tmp_path), objectives=objectives,
                                  seeds=2, dataset=fashion)
   assert again == results
 
 
 def test_one_seed_table_has_no_interval_and_strict_json(fashion, tmp_path,
                                                         smoke_config):
+  # With the objectives the other harness test does not train.
   compare.run_comparison(smoke_config(num_epochs=1), str(tmp_path),
-                         objectives=("ce", "gini_kl"), seeds=1, dataset=fashion)
+                         objectives=("ce", "gini_kl", "center", "supcon"),
+                         seeds=1, dataset=fashion)
   saved = json.loads((tmp_path / "results.json").read_text(),
                      parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
   assert saved["results"]["gini_kl"]["diff_to_ce_ci95"] is None
   row = [l for l in (tmp_path / "results.md").read_text().splitlines()
          if l.startswith("| CE+Gini+KL |")][0]
   assert "[" not in row.split("|")[3]
+  names = [l.split("|")[1].strip()
+           for l in (tmp_path / "results.md").read_text().splitlines()[2:6]]
+  assert names == ["CE", "CE+Gini+KL", "CE+Center", "CE+SupCon"]
 
 
 def test_harness_rejects_bad_arguments(tmp_path, smoke_config):
   with pytest.raises(config_lib.ConfigError,
-                     match=r"unknown objective\(s\) \['entropy'\]"):
+                     match=r"unknown objective\(s\) \['entropy'\].*joined by '\+'"):
     compare.run_comparison(smoke_config(), str(tmp_path), objectives=("ce", "entropy"))
   with pytest.raises(config_lib.ConfigError, match="--seeds must be >= 1"):
     compare.run_comparison(smoke_config(), str(tmp_path), seeds=0)
