@@ -66,11 +66,17 @@ def objective_name(objective: str) -> str:
 # speed options, eval batch size) may change on a resume, and the change is
 # logged.
 IDENTITY_FIELDS = (
-    "dataset", "image_size", "normalize", "validation_seed", "train_subset",
+    "dataset", "splits", "validation_holdout", "data_in_memory",
+    "image_size", "normalize", "validation_seed", "train_subset",
+    "train_per_class",
     "eval_subset", "model", "model_kwargs", "init_from", "objective", "loss",
     "num_epochs", "batch_size", "optimizer", "schedule", "seed")
 # ... and, for the baseline terms an objective uses, their settings
-# (config.baseline.<term>): see identity().
+# (config.baseline.<term>): see identity(). Identity fields added after runs
+# were first recorded, with the value those runs had:
+_ADDED_IDENTITY_FIELDS = {
+    "splits": {"train": "", "validation": "", "test": ""},
+    "validation_holdout": "", "data_in_memory": True, "train_per_class": 0}
 
 # Library fusions XLA:CPU can hand to YNNPACK (config.xla_cpu_ynn_fusion).
 YNN_FUSION_TYPES = ("dot", "reduce", "eltwise")
@@ -99,12 +105,27 @@ def parse_arg(arg: str | None, **defaults):
 def base_config() -> ml_collections.ConfigDict:
   """Fields every experiment has, with the reference recipe's values."""
   c = ml_collections.ConfigDict()
+  # One of data.DATASETS, any TFDS catalogue name (cifar10, imagenette,
+  # imagenet2012, ...) or folder:/path/to/root (root/train/<class>/*.jpg).
   c.dataset = "cifar100"
   c.data_dir = ""  # TFDS data folder; "" means TFDS's default
-  c.image_size = 0  # Caltech-101 resize target; 0 means the data set's default
+  # TFDS splits ("" = automatic: train; the data set's validation split or a
+  # part of train held out; test, or validation where there is no test).
+  c.splits = ml_collections.ConfigDict(dict(train="", validation="", test=""))
+  # Held out of train for validation when there is no validation split:
+  # "5000" images, "0.1" of train, "5/class"; "" = the data set's default.
+  c.validation_holdout = ""
+  # False: stream from the prepared ArrayRecord files (grain) instead of
+  # reading the splits into host memory; for data sets larger than memory.
+  c.data_in_memory = True
+  c.download = True  # False: never touch the network; fail if not prepared
+  # Square image side; 0 means the data set's own (224 for images of varying
+  # size, a folder's first image's shorter side).
+  c.image_size = 0
   c.normalize = False  # the reference recipe uses no mean/std normalisation
   c.validation_seed = 0
   c.train_subset = 0  # >0: train on the first N training examples only
+  c.train_per_class = 0  # >0: on the first N training examples of each class
   c.eval_subset = 0  # >0: evaluate on the first N validation/test examples
 
   c.model = "resnet18"
@@ -227,9 +248,13 @@ def validate_config(config, num_devices: int) -> None:
   from discrim_jax import data as data_lib
   from discrim_jax import models
   # pylint: enable=g-import-not-at-top
-  if config.dataset not in data_lib.DATASETS:
-    raise ConfigError(f"unknown data set {config.dataset!r}; known data sets: "
-                      f"{list(data_lib.DATASETS)} (--config.dataset=...)")
+  if not config.dataset:
+    raise ConfigError(f"config.dataset is empty; use one of {list(data_lib.DATASETS)}, "
+                      "a TFDS name or folder:/path (--config.dataset=...)")
+  try:
+    data_lib.parse_holdout(config.get("validation_holdout", ""))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.model not in models.MODELS:
     raise ConfigError(f"unknown model {config.model!r}; known models: "
                       f"{sorted(models.MODELS)} (--config.model=...)")
@@ -294,7 +319,8 @@ def identity(config) -> dict[str, Any]:
   none, so configs written before they existed keep their identity)."""
   as_dict = (config if isinstance(config, dict)
              else json.loads(config.to_json_best_effort()))
-  out = {k: as_dict[k] for k in IDENTITY_FIELDS if k in as_dict}
+  out = {k: as_dict.get(k, _ADDED_IDENTITY_FIELDS.get(k))
+         for k in IDENTITY_FIELDS if k in as_dict or k in _ADDED_IDENTITY_FIELDS}
   used = [t for t in objective_terms(as_dict["objective"])
           if t in BASELINE_TERMS]
   if used:

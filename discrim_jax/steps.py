@@ -231,15 +231,26 @@ def features_step(state: TrainState, batch, *, model, num_classes: int,
            "label": batch["label"], "mask": batch["mask"]})
 
 
-def load_dataset(config) -> data_lib.Dataset:
-  """The data set a config names (read lazily, once)."""
-  return data_lib.Dataset(
-      config.dataset, data_dir=config.data_dir or None,
-      image_size=config.image_size or None,
+def load_dataset(config):
+  """The data set a config names: a :class:`discrim_jax.data.Dataset` read
+  lazily into memory, or streamed (``config.data_in_memory=False``)."""
+  kwargs = dict(
+      data_dir=config.data_dir or None, image_size=config.image_size or None,
       validation_seed=config.validation_seed,
+      holdout=config.get("validation_holdout", ""),
+      splits=config.splits.to_dict() if "splits" in config else None,
+      download=config.get("download", True),
       max_examples={"train": config.train_subset,
                     "validation": config.eval_subset,
-                    "test": config.eval_subset})
+                    "test": config.eval_subset},
+      train_per_class=config.get("train_per_class", 0))
+  try:
+    if config.get("data_in_memory", True):
+      return data_lib.Dataset(config.dataset, **kwargs)
+    from discrim_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.StreamingDataset(config.dataset, **kwargs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -440,7 +451,7 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
   if steps_per_epoch == 0:
     raise ConfigError(
         f"config.batch_size={config.batch_size} exceeds the "
-        f"{len(dataset.arrays('train')[1])} training examples of {config.dataset}")
+        f"{dataset.num_examples('train')} training examples of {config.dataset}")
   schedule = create_schedule(config, steps_per_epoch)
   tx = create_optimizer(config, schedule)
   init_state = _init_fn(model, tx, image_shape, jnp.dtype(model.dtype),

@@ -9,7 +9,8 @@ split. Rerunning with the same workdir resumes exactly where the last
 checkpoint left off. :func:`train_and_evaluate_seeds` trains several seeds
 together with the same step under ``jax.vmap``.
 
-Workdir contents: ``config.json``, ``metrics.jsonl`` (one JSON object per
+Workdir contents: ``config.json``, ``classes.json`` (the class names, label
+order), ``metrics.jsonl`` (one JSON object per
 logged step and split), TensorBoard events, ``checkpoints/`` and, at the end,
 ``summary.json`` and ``feature_class_matrix.npz`` (the matrix P of each loss
 layer over the test split, for the best-validation model).
@@ -160,6 +161,8 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
   for r in replicas:  # the run is built: its config is now worth recording
     r.workdir.mkdir(parents=True, exist_ok=True)
     workdir_lib.write_config(r.config, r.workdir)
+    workdir_lib.write_classes(getattr(trainer.dataset, "class_names", None),
+                              r.workdir)
   start = time.time()
   try:
     latest, states = [], []

@@ -68,6 +68,14 @@ def write_config(config, workdir: Path) -> None:
     path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
+def write_classes(names, workdir: Path) -> None:
+  """Writes ``classes.json``, the class names in label order (process 0),
+  unless there are none or the workdir has it."""
+  path = workdir / "classes.json"
+  if names and jax.process_index() == 0 and not path.exists():
+    path.write_text(json.dumps(list(names), indent=1) + "\n")
+
+
 class MetricsLog:
   """``metrics.jsonl`` plus CLU writers; only process 0 writes."""
 

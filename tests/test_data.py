@@ -152,8 +152,8 @@ def test_global_batch_sharded_over_data_axis(cifar):
 
 
 def test_unknown_dataset_and_split():
-  with pytest.raises(ValueError, match=r"unknown data set 'mnist'.*'caltech101'"):
-    data.get_info("mnist")
+  with pytest.raises(ValueError, match=r"unknown data set 'mnits'.*'caltech101'"):
+    data.get_info("mnits")
   with pytest.raises(ValueError, match="unknown split 'val'"):
     data.Dataset("cifar100").arrays("val")
 

@@ -366,7 +366,7 @@ def test_rerun_of_a_finished_run_keeps_its_throughput_in_strict_json(
 @pytest.mark.parametrize("field,value,match", [
     ("model", "resnet34", r"unknown model 'resnet34'.*--config.model"),
     ("objective", "entropy", r"unknown objective 'entropy'.*gini_kl"),
-    ("dataset", "imagenet", r"unknown data set 'imagenet'"),
+    ("dataset", "", r"config.dataset is empty.*folder:/path"),
     ("batch_size", 60, r"batch_size=60 is not divisible by the 8 devices"),
     ("num_devices", 16, r"num_devices=16 but only 8 devices"),
     ("optimizer.lr", -1.0, r"lr must be > 0"),

@@ -73,6 +73,7 @@ class DebianFashionMnist(tfds.core.GeneratorBasedBuilder):
   """Fashion-MNIST (Xiao et al. 2017) read from local idx files."""
 
   VERSION = tfds.core.Version("1.0.0")
+  READS_LOCAL_FILES = True  # preparing it needs no network
   RELEASE_NOTES = {"1.0.0": "Read from Debian's dataset-fashion-mnist files."}
 
   def _info(self) -> tfds.core.DatasetInfo:

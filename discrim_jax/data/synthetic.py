@@ -23,6 +23,9 @@ class SyntheticDataset:
     del split  # every split is the same random sample
     return self._arrays
 
+  def num_examples(self, split: str) -> int:
+    return len(self.arrays(split)[1])
+
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     images = self._arrays[0].astype(np.float32) / 255.0
     return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))

@@ -1,0 +1,254 @@
+"""Streaming input for data sets larger than host memory (grain over ArrayRecord).
+
+``config.data_in_memory = False`` reads a TFDS data set record by record from
+its prepared ArrayRecord files (``tfds`` ``as_data_source``, TFDS's current
+path for JAX) with grain, instead of reading whole splits into memory.
+
+Why grain over ArrayRecord rather than tf.data over per-process TFRecord
+shards: ArrayRecord gives random access by record index, so each process
+reads exactly its own rows of every global batch in an order that is a pure
+function of ``(seed, epoch)`` (the same permutation as the in-memory path:
+the same seed gives the same batches), and a resumed run starts at any step
+without replaying the epoch: the step number, saved with every checkpoint,
+is the iterator's whole state. Sharded TFRecord files give neither.
+
+Memory: records are read and decoded on the fly by ``num_threads`` threads
+into a bounded prefetch buffer; what grows with the data set is only the
+train split's index (8 bytes a record) and one epoch's permutation of it.
+
+Augmentation: images of at most 64 pixels get the in-memory path's CIFAR
+recipe (4-pixel pad-and-crop and flip, drawn per global batch from
+``(seed, step)`` with TensorFlow's stateless ops); larger ones the
+ImageNet recipe, random-resized crop (scale 0.08-1, ratio 3/4-4/3) and flip,
+drawn per example from ``(seed, position in the stream)``. Evaluation
+resizes the shorter side and centre-crops.
+
+TFDS prepares a data set in one file format per folder: a data set already
+prepared as TFRecord in ``data_dir`` must be prepared again as ArrayRecord
+in another folder (the error says how).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+from discrim_jax.data import folder as folder_lib
+from discrim_jax.data import pipeline
+
+ARRAY_RECORD = "array_record"
+CIFAR_MAX_SIZE = 64  # up to this image side: the CIFAR recipe, else ImageNet's
+MEAN_STD_SAMPLE = 10_000  # training images that normalize's statistics use
+
+
+class StreamingDataset:
+  """A TFDS data set read from its ArrayRecord files on demand.
+
+  Takes :class:`discrim_jax.data.Dataset`'s arguments, except per-class
+  hold-outs (those need every label: use a count or a fraction); ``builder``
+  is a TFDS builder made already (one that ``tfds.builder`` cannot name).
+  """
+
+  streaming = True
+
+  def __init__(self, name: str, *, data_dir: str | None = None,
+               image_size: int | None = None, validation_seed: int = 0,
+               holdout: str = "", splits: dict[str, str] | None = None,
+               download: bool = True,
+               max_examples: dict[str, int] | None = None,
+               builder: Any = None, train_per_class: int = 0):
+    if train_per_class:
+      raise ValueError(f"{name}: train_per_class needs every label in memory; "
+                       "leave config.data_in_memory=True")
+    if name.startswith(folder_lib.PREFIX):
+      raise ValueError(f"{name}: an image folder is read into memory; "
+                       "leave config.data_in_memory=True")
+    self.name = name
+    self._spec = pipeline._spec(name, holdout)  # pylint: disable=protected-access
+    if self._spec.holdout_per_class:
+      raise ValueError(
+          f"{name}: a per-class validation hold-out needs every label in "
+          "memory; stream with a count or a fraction "
+          "(--config.validation_holdout=5000 or 0.1)")
+    self._builder = builder or pipeline._builder(self._spec, data_dir)  # pylint: disable=protected-access
+    self._image_key, self._label_key = pipeline.feature_keys(self._builder, name)
+    label = self._builder.info.features[self._label_key]
+    self.num_classes = int(label.num_classes)
+    self.class_names = list(label.names)
+    shape = tuple(self._builder.info.features[self._image_key].shape)
+    self._resize = None in shape[:2] or shape[0] != shape[1] or bool(
+        image_size and image_size != shape[0])
+    size = (image_size or pipeline.DEFAULT_IMAGE_SIZE) if self._resize else shape[0]
+    self.image_shape = (size, size, shape[-1] or 3)
+    pipeline.prepare(self._builder, name, download=download,
+                     file_format=ARRAY_RECORD)
+    formats = [str(self._builder.info.file_format.value)] + [
+        str(f.value) for f in self._builder.info.alternative_file_formats]
+    if ARRAY_RECORD not in formats:
+      raise ValueError(
+          f"{name} is prepared in {self._builder.data_dir} as {formats[0]}, and "
+          "streaming reads ArrayRecord: prepare it in another folder with "
+          f"`tfds build {name} --file_format=array_record --data_dir=DIR` "
+          "and pass --config.data_dir=DIR (or leave config.data_in_memory=True)")
+    plan = pipeline.split_plan(list(self._builder.info.splits), self._spec,
+                               {k: v for k, v in (splits or {}).items() if v},
+                               name)
+    self._sources: dict[str, Any] = {}
+    self._index: dict[str, np.ndarray] = {}
+    for split in pipeline.SPLITS:
+      tfds_split = plan[split] if plan[split] is not None else plan["train"]
+      if tfds_split not in self._sources:
+        self._sources[tfds_split] = self._builder.as_data_source(
+            split=tfds_split, file_format=ARRAY_RECORD)
+    held_out = None
+    if plan["validation"] is None:
+      n = len(self._sources[plan["train"]])
+      # The hold-out of the in-memory path; a count or fraction needs no labels.
+      held_out = pipeline.holdout_mask(np.zeros(n, np.int32), self._spec,
+                                       self.num_classes, validation_seed, name)
+    for split in pipeline.SPLITS:
+      source = plan[split] if plan[split] is not None else plan["train"]
+      if held_out is not None and split != "test":
+        index = np.flatnonzero(held_out if split == "validation" else ~held_out)
+      else:
+        index = np.arange(len(self._sources[source]))
+      limit = (max_examples or {}).get(split, 0)
+      self._index[split] = index[:limit] if limit else index
+      self._index[split + "/source"] = source
+    self._lock = threading.Lock()
+
+  def num_examples(self, split: str) -> int:
+    return len(self._index[split])
+
+  def arrays(self, split: str):
+    raise TypeError(f"{self.name} streams (config.data_in_memory=False): its "
+                    f"{split} split is not held in memory")
+
+  def record(self, split: str, position: int) -> tuple[np.ndarray, int]:
+    """The ``position``-th example of a split: (uint8 image as stored, label)."""
+    source = self._sources[self._index[split + "/source"]]
+    example = source[int(self._index[split][position])]
+    return np.asarray(example[self._image_key]), int(example[self._label_key])
+
+  def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the first 10,000 training images (after
+    resizing), in [0, 1] units."""
+    n = min(MEAN_STD_SAMPLE, self.num_examples("train"))
+    images = np.stack([_fit(self.record("train", i)[0], self.image_shape)
+                       for i in range(n)]).astype(np.float32) / 255.0
+    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+
+
+def _fit(image: np.ndarray, shape) -> np.ndarray:
+  """Shorter side resized to the target and centre-cropped (evaluation)."""
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape != tuple(shape):
+    image = folder_lib.resize_and_crop(image, shape[0])
+  return image.reshape(shape)
+
+
+def _random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
+                         ) -> np.ndarray:
+  """Inception-style crop (area 8-100%, aspect 3/4-4/3; 10 tries, then the
+  centre), resized to ``shape``, flipped with probability 1/2."""
+  if image.ndim == 2:
+    image = image[..., None]
+  h, w = image.shape[:2]
+  crop = None
+  for _ in range(10):
+    area = h * w * rng.uniform(0.08, 1.0)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch, cw = int(round(np.sqrt(area / ratio))), int(round(np.sqrt(area * ratio)))
+    if 0 < ch <= h and 0 < cw <= w:
+      top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      crop = image[top:top + ch, left:left + cw]
+      break
+  if crop is None:
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = image[top:top + side, left:left + side]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pil = Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop)
+  out = np.asarray(pil.resize((shape[1], shape[0]), Image.BILINEAR))
+  out = out.reshape(shape)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def make_iterator(dataset: StreamingDataset, split: str, batch_size: int, *,
+                  train: bool, seed: int, start_step: int, augment: bool,
+                  normalize: bool, crop_padding: int, process_index: int,
+                  process_count: int, num_threads: int = 16,
+                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """:func:`discrim_jax.data.make_iterator` for a streamed data set: the same
+  batches (order, padding, mask; for small images the same augmentation) as
+  the in-memory path gives for the same seed and step."""
+  import grain  # pylint: disable=g-import-not-at-top
+  rows = pipeline._process_range(batch_size, process_index, process_count)  # pylint: disable=protected-access
+  local = rows.stop - rows.start
+  n = dataset.num_examples(split)
+  shape = dataset.image_shape
+  small = shape[0] <= CIFAR_MAX_SIZE
+  per_example_augment = augment and not small
+
+  if train:
+    num_steps = n // batch_size
+    if num_steps == 0:
+      raise ValueError(f"{dataset.name}/{split} has {n} examples, fewer than "
+                       f"one batch of {batch_size}; lower the batch size")
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch):  # the in-memory path's permutation of the split
+      return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def locate(position):
+      step, j = divmod(position, local)
+      epoch, k = divmod(step, num_steps)
+      with dataset._lock:  # pylint: disable=protected-access
+        perm = order(epoch)
+      return int(perm[k * batch_size + rows.start + j]), 1.0
+    first = start_step * local
+    length = 2**62  # endless; grain's range is lazy
+  else:
+    num_batches = -(-n // batch_size)
+
+    def locate(position):
+      step, j = divmod(position, local)
+      i = step * batch_size + rows.start + j
+      return (i, 1.0) if i < n else (0, 0.0)  # padding: example 0, masked
+    first, length = 0, num_batches * local
+
+  def load(position):
+    i, mask = locate(position)
+    image, label = dataset.record(split, i)
+    if per_example_augment:
+      rng = np.random.default_rng([seed, position, 1])
+      image = _random_resized_crop(image, shape, rng)
+    else:
+      image = _fit(image, shape)
+    return {"image": image, "label": np.int32(label), "mask": np.float32(mask)}
+
+  ds = (grain.MapDataset.range(first, first + length).map(load)
+        .batch(local, drop_remainder=False))
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(1, prefetch) * local)))
+  mean = std = None
+  if normalize:
+    mean, std = dataset.mean_std()
+  tf = pipeline._tf()[0] if (augment and small) else None  # pylint: disable=protected-access
+  step = start_step if train else 0
+  for batch in it:
+    image = batch["image"].astype(np.float32) / 255.0
+    if augment and small:
+      image = pipeline._augment(  # pylint: disable=protected-access
+          tf.constant(image), tf.constant([seed, step], tf.int64),
+          crop_padding, rows, batch_size).numpy()
+    if normalize:
+      image = (image - mean) / std
+    yield {"image": image, "label": batch["label"].astype(np.int32),
+           "mask": batch["mask"].astype(np.float32)}
+    step += 1
