@@ -1,0 +1,305 @@
+"""Studies: where, if anywhere, does the loss help? (issue #20)
+
+A study is a list of cells; a cell is a config (a base config with a few
+fields changed) on which objectives are compared over the same seeds with
+:func:`discrim_jax.compare.run_comparison` (CE always included as the paired
+reference, except in the knob cells, which pair with the CE runs of their
+regime's scarcity cell: CE does not depend on the loss's knobs). Runs live in
+``WORKDIR/CELL/OBJECTIVE/seedN``; finished runs are never redone, so a study
+resumes across sessions by rerunning its command.
+
+Studies (``STUDIES``):
+
+* ``scarcity``: 20, 100 and 500 training images per class for a fixed number
+  of steps (600 of 100 images: converged on these sizes), plus the base
+  config itself (Fashion-MNIST: the 20,000-image, 3-epoch setting);
+* ``capacity``: the loss layer with the base width's features (ResNet-18 at
+  width 1/8: 64) against full width (512), at the regime's images per class;
+* ``lambda``: lambda_gini x lambda_kl in {0.1, 0.5, 1, 2}^2 at the regime;
+* ``layer``: the loss on stage3, stage4, pre_logits, stage3+stage4;
+* ``start``: the auxiliary terms from 0%, 10% or 50% of training on.
+
+Outputs in ``WORKDIR``: ``study.md``, ``study.json`` (per cell and objective:
+test accuracy and the representation metrics with paired differences to CE
+and 95% t-intervals, and the cell's wall time) and plots (``scarcity.png``,
+``lambda.png``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from discrim_jax import compare
+from discrim_jax import config_lib
+from discrim_jax.config_lib import ConfigError
+
+PER_CLASS = (20, 100, 500)
+STEPS = 600  # training steps of the scarcity cells
+BATCH = 100
+LAMBDAS = (0.1, 0.5, 1.0, 2.0)
+LAYERS = {"stage3": ("stage3",), "stage4": ("stage4",),
+          "pre_logits": ("pre_logits",), "stage3+stage4": ("stage3", "stage4")}
+START_FRACTIONS = (0.0, 0.1, 0.5)
+BASELINE_OBJECTIVES = ("ce", "gini_kl", "center", "opl", "supcon")
+
+
+@dataclasses.dataclass
+class Cell:
+  name: str
+  config: Any
+  objectives: tuple[str, ...]
+  pair_with: str | None = None  # the cell whose CE runs are the reference
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _set(config, **fields):
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key, value in fields.items():
+      target = config
+      *path, leaf = key.split(".")
+      for p in path:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def scarcity_config(base, per_class: int, num_classes: int, *,
+                    steps: int | None = None, batch: int | None = None):
+  """``base`` trained on ``per_class`` images of each class for about
+  ``steps`` steps of ``batch``, evaluated 6 times, the auxiliary terms from
+  10% of training on."""
+  steps, batch = steps or STEPS, batch or BATCH
+  images = per_class * num_classes
+  batch = min(batch, images)
+  steps_per_epoch = images // batch
+  epochs = max(1, math.ceil(steps / steps_per_epoch))
+  return _set(base, train_per_class=per_class, train_subset=0,
+              batch_size=batch, num_epochs=epochs,
+              eval_every_epochs=max(1, epochs // 6),
+              log_every_steps=min(50, steps_per_epoch * max(1, epochs // 6)),
+              **{"loss.start_epoch": 0.1 * epochs})
+
+
+def cells(study: str, base, num_classes: int, *, regime: int = 100,
+          objectives: tuple[str, ...] | None = None) -> list[Cell]:
+  """The cells of a study on ``base`` (a data set of ``num_classes``);
+  ``regime``: images per class of the capacity and knob cells."""
+  if study == "scarcity":
+    objectives = objectives or BASELINE_OBJECTIVES
+    out = [Cell(f"{n}_per_class", scarcity_config(base, n, num_classes), objectives,
+                info={"per_class": n}) for n in PER_CLASS]
+    out.append(Cell("base", base, objectives, info={"per_class": None}))
+    return out
+  regime_config = scarcity_config(base, regime, num_classes)
+  reference = f"{regime}_per_class"
+  if study == "capacity":
+    objectives = objectives or ("ce", "gini_kl")
+    width = base.model_kwargs.get("width_multiplier", 1.0)
+    return [Cell(f"{reference}_width_{w:g}",
+                 _set(regime_config, **{"model_kwargs.width_multiplier": w}),
+                 objectives, info={"width": w}) for w in (width, 1.0)]
+  objectives = objectives or ("gini_kl",)
+  if study == "lambda":
+    return [Cell(f"{reference}_gini{g:g}_kl{k:g}",
+                 _set(regime_config, **{"loss.lambda_gini": g,
+                                        "loss.lambda_kl": k}),
+                 objectives, reference, {"lambda_gini": g, "lambda_kl": k})
+            for g in LAMBDAS for k in LAMBDAS]
+  if study == "layer":
+    return [Cell(f"{reference}_layer_{name}",
+                 _set(regime_config, **{"loss.layers": layers}), objectives,
+                 reference, {"layers": name}) for name, layers in LAYERS.items()]
+  if study == "start":
+    epochs = regime_config.num_epochs
+    return [Cell(f"{reference}_start_{f:g}",
+                 _set(regime_config, **{"loss.start_epoch": f * epochs}),
+                 objectives, reference, {"start_fraction": f})
+            for f in START_FRACTIONS]
+  raise ConfigError(f"unknown study {study!r}; use one of "
+                    "scarcity, capacity, lambda, layer, start (--study=...)")
+
+
+def run_study(study: str, base, workdir: str, *, seeds: int = 5,
+              regime: int = 100, objectives=None, only: list[str] | None = None
+              ) -> dict[str, Any]:
+  """Trains what is missing of every cell (or of the cells named in
+  ``only``), then writes the study's table, JSON and plots."""
+  from discrim_jax import steps  # pylint: disable=g-import-not-at-top
+  out = Path(workdir)
+  num_classes = steps.load_dataset(base).num_classes
+  all_cells = cells(study, base, num_classes, regime=regime,
+                    objectives=tuple(objectives) if objectives else None)
+  for cell in all_cells:
+    if only and cell.name not in only:
+      continue
+    compare.train_all(cell.config, out / cell.name, cell.objectives, seeds)
+  results = summarize(out, all_cells, seeds)
+  (out / "study.json").write_text(json.dumps(results, indent=2, allow_nan=False)
+                                  + "\n")
+  (out / "study.md").write_text(markdown(results))
+  plot(out, results)
+  return results
+
+
+def _finished(path: Path, objectives, seeds: int) -> bool:
+  return all((compare.run_dir(path, o, s) / "summary.json").exists()
+             for o in objectives for s in range(seeds))
+
+
+def summarize(out: Path, all_cells: list[Cell], seeds: int) -> dict[str, Any]:
+  """Per finished cell and objective: each metric's mean, std and paired
+  difference to CE; the cell's wall time (sum of its runs')."""
+  rows = {}
+  for cell in all_cells:
+    path = out / cell.name
+    if not _finished(path, cell.objectives, seeds):
+      rows[cell.name] = {"info": cell.info, "finished": False}
+      continue
+    objectives = list(cell.objectives)
+    reference = out / (cell.pair_with or cell.name)
+    results = compare.summarize(path, objectives, seeds)["results"]
+    ce = None
+    if "ce" in results:
+      ce = results["ce"]
+    elif _finished(reference, ["ce"], seeds):
+      ce = compare.summarize(reference, ["ce"], seeds)["results"]["ce"]
+    cell_rows = {}
+    for objective, row in results.items():
+      metrics = {}
+      for name, stats in row["metrics"].items():
+        entry = {"mean": stats["mean"], "std": stats["std"]}
+        if ce is not None and objective != "ce":
+          values = [r["metrics"][name] for r in row["runs"]]
+          base = [r["metrics"].get(name) for r in ce["runs"]]
+          if None not in base:
+            entry["diff_to_ce_mean"], entry["diff_to_ce_ci95"] = (
+                compare.paired_difference(values, base))
+        metrics[name] = entry
+      cell_rows[objective] = {"metrics": metrics}
+    wall = sum(json.loads((compare.run_dir(path, o, s) / "summary.json")
+                          .read_text())["wall_time_s"]
+               for o in objectives for s in range(seeds))
+    rows[cell.name] = {"info": cell.info, "finished": True,
+                       "paired_with": (cell.pair_with or cell.name) if ce else None,
+                       "wall_time_s": wall, "objectives": cell_rows}
+  return {"seeds": seeds, "cells": rows}
+
+
+_COLUMNS = (("test_accuracy", "test acc. (%)"), ("knn/pre_logits", "kNN (%)"),
+            ("probe/pre_logits", "linear probe (%)"),
+            ("nc1/pre_logits", "NC1"), ("gini/", "test-set Gini"))
+
+
+def _find(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+  if prefix in metrics:
+    return metrics[prefix]
+  keys = sorted(k for k in metrics if k.startswith(prefix))
+  return metrics[keys[0]] if keys else None
+
+
+def _fmt(stats, percent: bool) -> str:
+  if stats is None:
+    return "–"
+  scale, spec = (100.0, ".2f") if percent else (1.0, ".3f")
+  text = f"{scale * stats['mean']:{spec}} ± {scale * stats['std']:{spec}}"
+  if "diff_to_ce_mean" in stats:
+    text += f"; Δ {scale * stats['diff_to_ce_mean']:+{spec}}"
+    if stats["diff_to_ce_ci95"] is not None:
+      lo, hi = stats["diff_to_ce_ci95"]
+      text += f" [{scale * lo:+{spec}}, {scale * hi:+{spec}}]"
+  return text
+
+
+def markdown(results: dict[str, Any]) -> str:
+  lines = ["| cell | objective | " + " | ".join(c for _, c in _COLUMNS)
+           + " | cell wall time |", "|---" * (len(_COLUMNS) + 3) + "|"]
+  for name, cell in results["cells"].items():
+    if not cell["finished"]:
+      lines.append(f"| {name} | (not finished) |" + " |" * (len(_COLUMNS) + 1))
+      continue
+    for i, (objective, row) in enumerate(cell["objectives"].items()):
+      cols = [_fmt(_find(row["metrics"], key), key in ("test_accuracy", "knn/pre_logits",
+                                                        "probe/pre_logits"))
+              for key, _ in _COLUMNS]
+      wall = f"{cell['wall_time_s'] / 60:.0f} min" if i == 0 else ""
+      lines.append(f"| {name} | {config_lib.objective_name(objective)} | "
+                   + " | ".join(cols) + f" | {wall} |")
+  lines += ["", f"{results['seeds']} seeds per objective and cell; mean ± std "
+            "over seeds; Δ: paired difference to CE over the same seeds with "
+            "its 95% t-interval (knob cells: CE of their regime's scarcity "
+            "cell). Representation metrics on pre_logits; test-set Gini on "
+            "the (first) loss layer. Wall time: the sum of the cell's runs."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, results: dict[str, Any]) -> list[Path]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  cells_ = {k: v for k, v in results["cells"].items() if v["finished"]}
+  scarcity = {k: v for k, v in cells_.items() if v["info"].get("per_class")}
+  if scarcity:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    objectives = list(next(iter(scarcity.values()))["objectives"])
+    for o in objectives:
+      xs, means, errs, dxs, diffs, lo, hi = [], [], [], [], [], [], []
+      for cell in scarcity.values():
+        if o not in cell["objectives"]:
+          continue
+        stats = cell["objectives"][o]["metrics"]["test_accuracy"]
+        n = cell["info"]["per_class"]
+        xs.append(n)
+        means.append(100 * stats["mean"])
+        errs.append(100 * stats["std"])
+        if stats.get("diff_to_ce_ci95"):
+          dxs.append(n)
+          diffs.append(100 * stats["diff_to_ce_mean"])
+          lo.append(100 * (stats["diff_to_ce_mean"] - stats["diff_to_ce_ci95"][0]))
+          hi.append(100 * (stats["diff_to_ce_ci95"][1] - stats["diff_to_ce_mean"]))
+      name = config_lib.objective_name(o)
+      axes[0].errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=name)
+      if dxs:
+        axes[1].errorbar(dxs, diffs, yerr=[lo, hi], marker="o", capsize=3,
+                         label=name)
+    for ax in axes:
+      ax.set_xscale("log")
+      ax.set_xlabel("training images per class")
+    axes[0].set(ylabel="test accuracy (%)", title="mean ± std over seeds")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set(ylabel="Δ test accuracy vs CE (points)",
+                title="paired difference, 95% t-interval")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "scarcity.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+  grid = {(v["info"]["lambda_gini"], v["info"]["lambda_kl"]): v
+          for v in cells_.values() if "lambda_gini" in v["info"]}
+  if grid:
+    matrix = np.full((len(LAMBDAS), len(LAMBDAS)), np.nan)
+    for (g, k), cell in grid.items():
+      stats = cell["objectives"]["gini_kl"]["metrics"]["test_accuracy"]
+      if "diff_to_ce_mean" in stats:
+        matrix[LAMBDAS.index(g), LAMBDAS.index(k)] = 100 * stats["diff_to_ce_mean"]
+    fig, ax = plt.subplots(figsize=(4.5, 3.8))
+    bound = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
+    im = ax.imshow(matrix, cmap="RdBu", vmin=-bound, vmax=bound, origin="lower")
+    ax.set_xticks(range(len(LAMBDAS)), [f"{x:g}" for x in LAMBDAS])
+    ax.set_yticks(range(len(LAMBDAS)), [f"{x:g}" for x in LAMBDAS])
+    ax.set(xlabel="lambda_kl", ylabel="lambda_gini",
+           title="Δ test accuracy vs CE (points)")
+    fig.colorbar(im)
+    fig.tight_layout()
+    paths.append(out / "lambda.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+  return paths

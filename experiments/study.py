@@ -1,0 +1,55 @@
+r"""Where, if anywhere, does the loss help? One command per study.
+
+  python experiments/study.py --config=experiments/configs/fashion_mnist.py \
+    --study=scarcity --workdir=workdirs/study_scarcity --seeds=5
+
+Studies: scarcity (20/100/500 images per class and the base config), capacity
+(the base width vs full width), lambda, layer, start (the loss's knobs at
+--regime images per class). Any data set works through --config. Finished
+runs are never redone: rerun the command to resume; --cells trains only the
+named cells (the table covers every finished one). See discrim_jax/study.py.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from discrim_jax import cli
+from discrim_jax.cli import parse_flags, run_with_one_line_errors
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base experiment config (experiments/configs/*.py[:args]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the study's runs and results.")
+_STUDY = flags.DEFINE_enum("study", "scarcity",
+                           ["scarcity", "capacity", "lambda", "layer", "start"],
+                           "Which study.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per objective and cell.")
+_REGIME = flags.DEFINE_integer("regime", 100, "Images per class of the capacity "
+                               "and knob cells.")
+_OBJECTIVES = flags.DEFINE_list("objectives", None, "Objectives (default: the "
+                                "study's: CE, Gini+KL and the baselines for "
+                                "scarcity; CE and Gini+KL for capacity; Gini+KL "
+                                "for the knobs).")
+_CELLS = flags.DEFINE_list("cells", None, "Train only these cells.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from discrim_jax import study  # pylint: disable=g-import-not-at-top
+  cli.route_logs(_WORKDIR.value)
+  results = run_with_one_line_errors(lambda: study.run_study(
+      _STUDY.value, _CONFIG.value, _WORKDIR.value, seeds=_SEEDS.value,
+      regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value))
+  print(study.markdown(results))
+  print(f"table, JSON and plots in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

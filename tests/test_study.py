@@ -1,0 +1,68 @@
+"""The study harness (issue #20): cells, per-class subsets, pairing, outputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from discrim_jax import data
+from discrim_jax import study
+from discrim_jax.config_lib import ConfigError
+
+
+def test_scarcity_cells_train_a_fixed_number_of_steps(smoke_config):
+  for cell in study.cells("scarcity", smoke_config(), 10)[:-1]:
+    c = cell.config
+    images = 10 * cell.info["per_class"]
+    steps = (images // c.batch_size) * c.num_epochs
+    assert study.STEPS <= steps < study.STEPS + images // c.batch_size, cell.name
+    assert c.train_per_class == cell.info["per_class"] and c.train_subset == 0
+    assert c.loss.start_epoch == pytest.approx(0.1 * c.num_epochs)
+  knobs = study.cells("lambda", smoke_config(), 10, regime=20)
+  assert len(knobs) == 16 and {k.pair_with for k in knobs} == {"20_per_class"}
+  with pytest.raises(ConfigError, match="unknown study 'size'"):
+    study.cells("size", smoke_config(), 10)
+
+
+def test_train_per_class_takes_the_first_of_each_class(fashion_data_dir):
+  full = data.Dataset("fashion_mnist", data_dir=fashion_data_dir)
+  few = data.Dataset("fashion_mnist", data_dir=fashion_data_dir,
+                     train_per_class=3)
+  images, labels = few.arrays("train")
+  np.testing.assert_array_equal(np.bincount(labels), [3] * 10)
+  all_images, all_labels = full.arrays("train")
+  first = np.concatenate([np.flatnonzero(all_labels == c)[:3] for c in range(10)])
+  np.testing.assert_array_equal(images, all_images[np.sort(first)])
+  with pytest.raises(ValueError, match="fewer than train_per_class=99999"):
+    data.Dataset("fashion_mnist", data_dir=fashion_data_dir,
+                 train_per_class=99_999).arrays("train")
+
+
+def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
+                                      smoke_config):
+  monkeypatch.setattr(study, "PER_CLASS", (4,))
+  monkeypatch.setattr(study, "STEPS", 4)
+  monkeypatch.setattr(study, "BATCH", 20)
+  monkeypatch.setattr(study, "START_FRACTIONS", (0.0,))
+  base = smoke_config(num_epochs=1, data_dir=fashion_data_dir)
+  results = study.run_study("scarcity", base, str(tmp_path), seeds=2,
+                            objectives=("ce", "gini_kl"))
+  cells = results["cells"]
+  assert set(cells) == {"4_per_class", "base"}
+  stats = cells["4_per_class"]["objectives"]["gini_kl"]["metrics"]["test_accuracy"]
+  assert len(stats["diff_to_ce_ci95"]) == 2 and cells["4_per_class"]["wall_time_s"] > 0
+  # A knob cell trains Gini+KL only and pairs with its regime's CE runs.
+  results = study.run_study("start", base, str(tmp_path), seeds=2, regime=4)
+  cell = results["cells"]["4_per_class_start_0"]
+  assert cell["paired_with"] == "4_per_class"
+  assert list(cell["objectives"]) == ["gini_kl"]
+  ce = [json.loads((tmp_path / "4_per_class" / "ce" / f"seed{s}" / "summary.json")
+                   .read_text())["test_accuracy"] for s in range(2)]
+  mine = [json.loads((tmp_path / cell_dir / "gini_kl" / f"seed{s}" / "summary.json")
+                     .read_text())["test_accuracy"]
+          for s in range(2) for cell_dir in ["4_per_class_start_0"]]
+  assert cell["objectives"]["gini_kl"]["metrics"]["test_accuracy"][
+      "diff_to_ce_mean"] == pytest.approx(np.mean(mine) - np.mean(ce))
+  for name in ("study.md", "study.json", "scarcity.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  assert "| 4_per_class_start_0 | CE+Gini+KL |" in (tmp_path / "study.md").read_text()
