@@ -13,6 +13,7 @@ for (:func:`compiler_options`).
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -194,6 +195,20 @@ def base_config() -> ml_collections.ConfigDict:
   # Same numbers; a no-op on GPU/TPU. Speed only, like xla_cpu_ynn_fusion.
   c.xla_cpu_fusion_barriers = True
   return c
+
+
+def with_fields(config, **fields):
+  """A copy of ``config`` with dotted fields set: ``with_fields(c,
+  **{"loss.lambda_kl": 1.0, "batch_size": 64})``."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key, value in fields.items():
+      target = config
+      *path, leaf = key.split(".")
+      for p in path:
+        target = target[p]
+      target[leaf] = value
+  return config
 
 
 def model_defaults(c: ml_collections.ConfigDict, model: str,

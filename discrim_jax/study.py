@@ -27,7 +27,6 @@ and 95% t-intervals, and the cell's wall time) and plots (``scarcity.png``,
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -59,18 +58,6 @@ class Cell:
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _set(config, **fields):
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    for key, value in fields.items():
-      target = config
-      *path, leaf = key.split(".")
-      for p in path:
-        target = target[p]
-      target[leaf] = value
-  return config
-
-
 def scarcity_config(base, per_class: int, num_classes: int, *,
                     steps: int | None = None, batch: int | None = None):
   """``base`` trained on ``per_class`` images of each class for about
@@ -81,7 +68,7 @@ def scarcity_config(base, per_class: int, num_classes: int, *,
   batch = min(batch, images)
   steps_per_epoch = images // batch
   epochs = max(1, math.ceil(steps / steps_per_epoch))
-  return _set(base, train_per_class=per_class, train_subset=0,
+  return config_lib.with_fields(base, train_per_class=per_class, train_subset=0,
               batch_size=batch, num_epochs=epochs,
               eval_every_epochs=max(1, epochs // 6),
               log_every_steps=min(50, steps_per_epoch * max(1, epochs // 6)),
@@ -104,23 +91,23 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
     objectives = objectives or ("ce", "gini_kl")
     width = base.model_kwargs.get("width_multiplier", 1.0)
     return [Cell(f"{reference}_width_{w:g}",
-                 _set(regime_config, **{"model_kwargs.width_multiplier": w}),
+                 config_lib.with_fields(regime_config, **{"model_kwargs.width_multiplier": w}),
                  objectives, info={"width": w}) for w in (width, 1.0)]
   objectives = objectives or ("gini_kl",)
   if study == "lambda":
     return [Cell(f"{reference}_gini{g:g}_kl{k:g}",
-                 _set(regime_config, **{"loss.lambda_gini": g,
+                 config_lib.with_fields(regime_config, **{"loss.lambda_gini": g,
                                         "loss.lambda_kl": k}),
                  objectives, reference, {"lambda_gini": g, "lambda_kl": k})
             for g in LAMBDAS for k in LAMBDAS]
   if study == "layer":
     return [Cell(f"{reference}_layer_{name}",
-                 _set(regime_config, **{"loss.layers": layers}), objectives,
+                 config_lib.with_fields(regime_config, **{"loss.layers": layers}), objectives,
                  reference, {"layers": name}) for name, layers in LAYERS.items()]
   if study == "start":
     epochs = regime_config.num_epochs
     return [Cell(f"{reference}_start_{f:g}",
-                 _set(regime_config, **{"loss.start_epoch": f * epochs}),
+                 config_lib.with_fields(regime_config, **{"loss.start_epoch": f * epochs}),
                  objectives, reference, {"start_fraction": f})
             for f in START_FRACTIONS]
   raise ConfigError(f"unknown study {study!r}; use one of "

@@ -75,13 +75,8 @@ def smoke_config(**overrides):
   config.num_devices = 1  # the 8-device path has its own tests; saves compiles
   # Measuring the features compiles a kNN and a probe: only the tests of it.
   config.representation.enabled = False
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return config
+  from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.with_fields(config, **overrides)
 
 
 def read_metrics(workdir):
