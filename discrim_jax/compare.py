@@ -212,11 +212,9 @@ def _cell(stats: dict[str, Any], scale: float, spec: str, diff: bool) -> str:
   return text
 
 
-def metrics_table(results: dict[str, Any]) -> list[str]:
-  """Markdown lines: one row per metric, one column per objective, each cell
-  ``mean ± std; Δ vs CE [95% CI]``. A layer whose values equal another's in
-  every run (a ResNet's stage4 pools to pre_logits) is shown once."""
-  rows = results["results"]
+def distinct_metrics(rows: dict[str, Any]) -> list[str]:
+  """The metrics every objective has, less a layer whose values equal an
+  earlier layer's in every run (a ResNet's stage4 pools to pre_logits)."""
   objectives = list(rows)
   names = [n for n in rows[objectives[0]]["metrics"]
            if all(n in rows[o]["metrics"] for o in objectives)]
@@ -229,6 +227,16 @@ def metrics_table(results: dict[str, Any]) -> list[str]:
                 None)
     if twin is None:
       shown.append(name)
+  return shown
+
+
+def metrics_table(results: dict[str, Any]) -> list[str]:
+  """Markdown lines: one row per metric, one column per objective, each cell
+  ``mean ± std; Δ vs CE [95% CI]``. A layer whose values equal another's in
+  every run (a ResNet's stage4 pools to pre_logits) is shown once."""
+  rows = results["results"]
+  objectives = list(rows)
+  shown = distinct_metrics(rows)
   if shown == ["test_accuracy"]:
     return []
   lines = ["| metric | " + " | ".join(objective_name(o) for o in objectives) + " |",
@@ -322,7 +330,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   plt.close(fig)
 
   others = [o for o in objectives if o != "ce"]
-  metrics = [n for n in rows[objectives[0]]["metrics"]
+  metrics = [n for n in distinct_metrics(rows)
              if all("diff_to_ce_mean" in rows[o]["metrics"].get(n, {})
                     for o in others)]
   if "ce" in rows and others and metrics:
