@@ -239,14 +239,21 @@ def make_iterator(dataset: StreamingDataset, split: str, batch_size: int, *,
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()
-  tf = pipeline._tf()[0] if (augment and small) else None  # pylint: disable=protected-access
+  crop = None
+  if augment and small:
+    tf = pipeline._tf()[0]  # pylint: disable=protected-access
+    # The in-memory path's augmentation, as one graph traced once (in eager
+    # mode TensorFlow's memory grew by ~2 MB a batch).
+    crop = tf.function(
+        lambda image, key: pipeline._augment(  # pylint: disable=protected-access
+            image, key, crop_padding, rows, batch_size),
+        input_signature=[tf.TensorSpec((None,) + tuple(shape), tf.float32),
+                         tf.TensorSpec((2,), tf.int64)])
   step = start_step if train else 0
   for batch in it:
     image = batch["image"].astype(np.float32) / 255.0
-    if augment and small:
-      image = pipeline._augment(  # pylint: disable=protected-access
-          tf.constant(image), tf.constant([seed, step], tf.int64),
-          crop_padding, rows, batch_size).numpy()
+    if crop is not None:
+      image = crop(image, np.array([seed, step], np.int64)).numpy()
     if normalize:
       image = (image - mean) / std
     yield {"image": image, "label": batch["label"].astype(np.int32),
