@@ -83,7 +83,11 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
     objectives = objectives or BASELINE_OBJECTIVES
     out = [Cell(f"{n}_per_class", scarcity_config(base, n, num_classes), objectives,
                 info={"per_class": n}) for n in PER_CLASS]
-    out.append(Cell("base", base, objectives, info={"per_class": None}))
+    # The base config's images per class, where it says (its train_subset:
+    # the first N images, about N / classes of each).
+    per_class = base.train_subset // num_classes if base.get("train_subset") else None
+    out.append(Cell("base", base, objectives, info={"per_class": per_class,
+                                                    "base": True}))
     return out
   regime_config = scarcity_config(base, regime, num_classes)
   reference = f"{regime}_per_class"
@@ -237,6 +241,7 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
   if scarcity:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     objectives = list(next(iter(scarcity.values()))["objectives"])
+    colors = {o: f"C{i}" for i, o in enumerate(objectives)}
     for o in objectives:
       xs, means, errs, dxs, diffs, lo, hi = [], [], [], [], [], [], []
       for cell in scarcity.values():
@@ -253,13 +258,18 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
           lo.append(100 * (stats["diff_to_ce_mean"] - stats["diff_to_ce_ci95"][0]))
           hi.append(100 * (stats["diff_to_ce_ci95"][1] - stats["diff_to_ce_mean"]))
       name = config_lib.objective_name(o)
-      axes[0].errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=name)
+      order = np.argsort(xs)
+      axes[0].errorbar(np.array(xs)[order], np.array(means)[order],
+                       yerr=np.array(errs)[order], marker="o", capsize=3,
+                       label=name, color=colors[o])
       if dxs:
-        axes[1].errorbar(dxs, diffs, yerr=[lo, hi], marker="o", capsize=3,
-                         label=name)
+        order = np.argsort(dxs)
+        axes[1].errorbar(np.array(dxs)[order], np.array(diffs)[order],
+                         yerr=[np.array(lo)[order], np.array(hi)[order]],
+                         marker="o", capsize=3, label=name, color=colors[o])
     for ax in axes:
       ax.set_xscale("log")
-      ax.set_xlabel("training images per class")
+      ax.set_xlabel("training images per class (base config: its subset / classes)")
     axes[0].set(ylabel="test accuracy (%)", title="mean ± std over seeds")
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].set(ylabel="Δ test accuracy vs CE (points)",
