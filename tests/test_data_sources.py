@@ -294,7 +294,7 @@ it = make_iterator(ds, "train", 128, train=True, seed=0, process_index=0,
 for _ in range(60):
   next(it)
 after = int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read())[1])
-assert sum(v.nbytes for k, v in ds._index.items() if "/" not in k) <= 16 * n
+assert sum(v.nbytes for v in ds._index.values()) <= 16 * n
 print(n, before // 1024, after // 1024)
 """
 

@@ -97,28 +97,30 @@ class StreamingDataset:
     plan = pipeline.split_plan(list(self._builder.info.splits), self._spec,
                                {k: v for k, v in (splits or {}).items() if v},
                                name)
-    self._sources: dict[str, Any] = {}
-    self._index: dict[str, np.ndarray] = {}
+    # Each split's data source (validation held out of train shares train's)
+    # and the record indices it reads, in order.
+    opened: dict[str, Any] = {}
+    self._source: dict[str, Any] = {}
     for split in pipeline.SPLITS:
       tfds_split = plan[split] if plan[split] is not None else plan["train"]
-      if tfds_split not in self._sources:
-        self._sources[tfds_split] = self._builder.as_data_source(
+      if tfds_split not in opened:
+        opened[tfds_split] = self._builder.as_data_source(
             split=tfds_split, file_format=ARRAY_RECORD)
+      self._source[split] = opened[tfds_split]
     held_out = None
     if plan["validation"] is None:
-      n = len(self._sources[plan["train"]])
+      n = len(self._source["train"])
       # The hold-out of the in-memory path; a count or fraction needs no labels.
       held_out = pipeline.holdout_mask(np.zeros(n, np.int32), self._spec,
                                        self.num_classes, validation_seed, name)
+    self._index: dict[str, np.ndarray] = {}
     for split in pipeline.SPLITS:
-      source = plan[split] if plan[split] is not None else plan["train"]
       if held_out is not None and split != "test":
         index = np.flatnonzero(held_out if split == "validation" else ~held_out)
       else:
-        index = np.arange(len(self._sources[source]))
+        index = np.arange(len(self._source[split]))
       limit = (max_examples or {}).get(split, 0)
       self._index[split] = index[:limit] if limit else index
-      self._index[split + "/source"] = source
     self._lock = threading.Lock()
 
   def num_examples(self, split: str) -> int:
@@ -130,8 +132,7 @@ class StreamingDataset:
 
   def record(self, split: str, position: int) -> tuple[np.ndarray, int]:
     """The ``position``-th example of a split: (uint8 image as stored, label)."""
-    source = self._sources[self._index[split + "/source"]]
-    example = source[int(self._index[split][position])]
+    example = self._source[split][int(self._index[split][position])]
     return np.asarray(example[self._image_key]), int(example[self._label_key])
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
