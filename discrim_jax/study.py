@@ -19,7 +19,10 @@ Studies (``STUDIES``):
 * ``layer``: the loss on stage3, stage4, pre_logits, stage3+stage4;
 * ``start``: the auxiliary terms from 0%, 10% or 50% of training on.
 
-Outputs in ``WORKDIR``: ``study.md``, ``study.json`` (per cell and objective:
+Knob cells whose config is the regime's own (e.g. start at 10%) reuse the
+regime cell's runs rather than retrain them.
+
+Outputs in ``WORKDIR``, named by the study: ``STUDY.md``, ``STUDY.json`` (per cell and objective:
 test accuracy and the representation metrics with paired differences to CE
 and 95% t-intervals, and the cell's wall time) and plots (``scarcity.png``,
 ``lambda.png``).
@@ -56,6 +59,23 @@ class Cell:
   objectives: tuple[str, ...]
   pair_with: str | None = None  # the cell whose CE runs are the reference
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # The folder of the cell's runs: another cell's where the configs are the
+  # same (a knob at the regime's own setting), so that they are not retrained.
+  runs_in: str = ""
+
+  def __post_init__(self):
+    self.runs_in = self.runs_in or self.name
+
+
+def _same_config(a, b) -> bool:
+  return (json.dumps(a.to_dict(), sort_keys=True, default=list)
+          == json.dumps(b.to_dict(), sort_keys=True, default=list))
+
+
+def _knob_cell(name: str, config, regime_config, objectives, reference: str,
+               info: dict[str, Any]) -> Cell:
+  return Cell(name, config, objectives, reference, info,
+              runs_in=reference if _same_config(config, regime_config) else "")
 
 
 def scarcity_config(base, per_class: int, num_classes: int, *,
@@ -99,30 +119,34 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
                  objectives, info={"width": w}) for w in (width, 1.0)]
   objectives = objectives or ("gini_kl",)
   if study == "lambda":
-    return [Cell(f"{reference}_gini{g:g}_kl{k:g}",
-                 config_lib.with_fields(regime_config, **{"loss.lambda_gini": g,
-                                        "loss.lambda_kl": k}),
-                 objectives, reference, {"lambda_gini": g, "lambda_kl": k})
+    return [_knob_cell(f"{reference}_gini{g:g}_kl{k:g}",
+                       config_lib.with_fields(regime_config, **{"loss.lambda_gini": g,
+                                              "loss.lambda_kl": k}),
+                       regime_config, objectives, reference,
+                       {"lambda_gini": g, "lambda_kl": k})
             for g in LAMBDAS for k in LAMBDAS]
   if study == "layer":
-    return [Cell(f"{reference}_layer_{name}",
-                 config_lib.with_fields(regime_config, **{"loss.layers": layers}), objectives,
-                 reference, {"layers": name}) for name, layers in LAYERS.items()]
+    return [_knob_cell(f"{reference}_layer_{name}",
+                       config_lib.with_fields(regime_config, **{"loss.layers": layers}),
+                       regime_config, objectives, reference, {"layers": name})
+            for name, layers in LAYERS.items()]
   if study == "start":
     epochs = regime_config.num_epochs
-    return [Cell(f"{reference}_start_{f:g}",
-                 config_lib.with_fields(regime_config, **{"loss.start_epoch": f * epochs}),
-                 objectives, reference, {"start_fraction": f})
+    return [_knob_cell(f"{reference}_start_{f:g}",
+                       config_lib.with_fields(regime_config,
+                                              **{"loss.start_epoch": f * epochs}),
+                       regime_config, objectives, reference, {"start_fraction": f})
             for f in START_FRACTIONS]
   raise ConfigError(f"unknown study {study!r}; use one of "
                     "scarcity, capacity, lambda, layer, start (--study=...)")
 
 
 def run_study(study: str, base, workdir: str, *, seeds: int = 5,
-              regime: int = 100, objectives=None, only: list[str] | None = None
-              ) -> dict[str, Any]:
+              regime: int = 100, objectives=None, only: list[str] | None = None,
+              vmap_seeds: bool = False) -> dict[str, Any]:
   """Trains what is missing of every cell (or of the cells named in
-  ``only``), then writes the study's table, JSON and plots."""
+  ``only``; with ``vmap_seeds``, an objective's missing seeds together),
+  then writes the study's table, JSON and plots."""
   from discrim_jax import steps  # pylint: disable=g-import-not-at-top
   out = Path(workdir)
   num_classes = steps.load_dataset(base).num_classes
@@ -131,11 +155,12 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   for cell in all_cells:
     if only and cell.name not in only:
       continue
-    compare.train_all(cell.config, out / cell.name, cell.objectives, seeds)
+    compare.train_all(cell.config, out / cell.runs_in, cell.objectives, seeds,
+                      vmap_seeds=vmap_seeds)
   results = summarize(out, all_cells, seeds)
-  (out / "study.json").write_text(json.dumps(results, indent=2, allow_nan=False)
-                                  + "\n")
-  (out / "study.md").write_text(markdown(results))
+  (out / f"{study}.json").write_text(json.dumps(results, indent=2, allow_nan=False)
+                                     + "\n")
+  (out / f"{study}.md").write_text(markdown(results))
   plot(out, results)
   return results
 
@@ -150,7 +175,7 @@ def summarize(out: Path, all_cells: list[Cell], seeds: int) -> dict[str, Any]:
   difference to CE; the cell's wall time (sum of its runs')."""
   rows = {}
   for cell in all_cells:
-    path = out / cell.name
+    path = out / cell.runs_in
     if not _finished(path, cell.objectives, seeds):
       rows[cell.name] = {"info": cell.info, "finished": False}
       continue
@@ -175,13 +200,19 @@ def summarize(out: Path, all_cells: list[Cell], seeds: int) -> dict[str, Any]:
                 compare.paired_difference(values, base))
         metrics[name] = entry
       cell_rows[objective] = {"metrics": metrics}
-    wall = sum(json.loads((compare.run_dir(path, o, s) / "summary.json")
-                          .read_text())["wall_time_s"]
+    wall = sum(_run_wall_time(compare.run_dir(path, o, s))
                for o in objectives for s in range(seeds))
-    rows[cell.name] = {"info": cell.info, "finished": True,
+    rows[cell.name] = {"info": cell.info, "finished": True, "runs_in": cell.runs_in,
                        "paired_with": (cell.pair_with or cell.name) if ce else None,
                        "wall_time_s": wall, "objectives": cell_rows}
   return {"seeds": seeds, "cells": rows}
+
+
+def _run_wall_time(run: Path) -> float:
+  """A run's share of wall time: seeds trained together (vmapped) each
+  record the group's time, which counts once."""
+  summary = json.loads((run / "summary.json").read_text())
+  return summary["wall_time_s"] / len(summary.get("trained_with_seeds", [0]))
 
 
 _COLUMNS = (("test_accuracy", "test acc. (%)"), ("knn/pre_logits", "kNN (%)"),
@@ -220,7 +251,9 @@ def markdown(results: dict[str, Any]) -> str:
       cols = [_fmt(_find(row["metrics"], key), key in ("test_accuracy", "knn/pre_logits",
                                                         "probe/pre_logits"))
               for key, _ in _COLUMNS]
-      wall = f"{cell['wall_time_s'] / 60:.0f} min" if i == 0 else ""
+      wall = "" if i else (f"{cell['wall_time_s'] / 60:.0f} min"
+                           if cell.get("runs_in", name) == name
+                           else f"runs of {cell['runs_in']}")
       lines.append(f"| {name} | {config_lib.objective_name(objective)} | "
                    + " | ".join(cols) + f" | {wall} |")
   lines += ["", f"{results['seeds']} seeds per objective and cell; mean ± std "

@@ -36,6 +36,9 @@ _OBJECTIVES = flags.DEFINE_list("objectives", None, "Objectives (default: the "
                                 "scarcity; CE and Gini+KL for capacity; Gini+KL "
                                 "for the knobs).")
 _CELLS = flags.DEFINE_list("cells", None, "Train only these cells.")
+_VMAP_SEEDS = flags.DEFINE_bool(
+    "vmap_seeds", False, "Train an objective's missing seeds together under "
+    "jax.vmap (faster only where measured: see the README's study section).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,7 +49,8 @@ def main(argv):
   cli.route_logs(_WORKDIR.value)
   results = run_with_one_line_errors(lambda: study.run_study(
       _STUDY.value, _CONFIG.value, _WORKDIR.value, seeds=_SEEDS.value,
-      regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value))
+      regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value,
+      vmap_seeds=_VMAP_SEEDS.value))
   print(study.markdown(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 

@@ -43,7 +43,7 @@ def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
   monkeypatch.setattr(study, "PER_CLASS", (4,))
   monkeypatch.setattr(study, "STEPS", 4)
   monkeypatch.setattr(study, "BATCH", 20)
-  monkeypatch.setattr(study, "START_FRACTIONS", (0.0,))
+  monkeypatch.setattr(study, "START_FRACTIONS", (0.0, 0.1))
   base = smoke_config(num_epochs=1, data_dir=fashion_data_dir)
   results = study.run_study("scarcity", base, str(tmp_path), seeds=2,
                             objectives=("ce", "gini_kl"))
@@ -63,6 +63,13 @@ def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
           for s in range(2) for cell_dir in ["4_per_class_start_0"]]
   assert cell["objectives"]["gini_kl"]["metrics"]["test_accuracy"][
       "diff_to_ce_mean"] == pytest.approx(np.mean(mine) - np.mean(ce))
-  for name in ("study.md", "study.json", "scarcity.png"):
+  # Starting at 10% is the regime's own setting: its runs, not retrained.
+  same = results["cells"]["4_per_class_start_0.1"]
+  assert same["runs_in"] == "4_per_class"
+  assert not (tmp_path / "4_per_class_start_0.1").exists()
+  assert same["objectives"]["gini_kl"] == cells["4_per_class"]["objectives"]["gini_kl"]
+  for name in ("scarcity.md", "scarcity.json", "scarcity.png", "start.md", "start.json"):
     assert (tmp_path / name).stat().st_size > 0, name
-  assert "| 4_per_class_start_0 | CE+Gini+KL |" in (tmp_path / "study.md").read_text()
+  table = (tmp_path / "start.md").read_text()
+  assert "| 4_per_class_start_0 | CE+Gini+KL |" in table
+  assert "runs of 4_per_class |" in table
