@@ -96,9 +96,15 @@ def scarcity_config(base, per_class: int, num_classes: int, *,
 
 
 def cells(study: str, base, num_classes: int, *, regime: int = 100,
-          objectives: tuple[str, ...] | None = None) -> list[Cell]:
+          objectives: tuple[str, ...] | None = None,
+          steps: int | None = None) -> list[Cell]:
   """The cells of a study on ``base`` (a data set of ``num_classes``);
-  ``regime``: images per class of the capacity and knob cells."""
+  ``regime``: images per class of the capacity and knob cells; ``steps``:
+  training steps of the capacity cells (default ``STEPS``; full width costs
+  ~20x a step of the 1/8-width model on a CPU)."""
+  if steps is not None and study != "capacity":
+    raise ConfigError(f"--steps={steps} applies to the capacity study only; "
+                      f"the {study} study trains {STEPS} steps (drop --steps)")
   if study == "scarcity":
     objectives = objectives or BASELINE_OBJECTIVES
     out = [Cell(f"{n}_per_class", scarcity_config(base, n, num_classes), objectives,
@@ -114,9 +120,17 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
   if study == "capacity":
     objectives = objectives or ("ce", "gini_kl")
     width = base.model_kwargs.get("width_multiplier", 1.0)
-    return [Cell(f"{reference}_width_{w:g}",
-                 config_lib.with_fields(regime_config, **{"model_kwargs.width_multiplier": w}),
-                 objectives, info={"width": w}) for w in (width, 1.0)]
+    steps = steps or STEPS
+    config = scarcity_config(base, regime, num_classes, steps=steps)
+    name = reference + ("" if steps == STEPS else f"_{steps}_steps")
+    out = []
+    for w in sorted({width, 1.0}):
+      c = config_lib.with_fields(config, **{"model_kwargs.width_multiplier": w})
+      # At the base width and the default steps: the regime cell's own runs.
+      out.append(Cell(f"{name}_width_{w:g}", c, objectives,
+                      info={"width": w, "steps": steps},
+                      runs_in=reference if _same_config(c, regime_config) else ""))
+    return out
   objectives = objectives or ("gini_kl",)
   if study == "lambda":
     return [_knob_cell(f"{reference}_gini{g:g}_kl{k:g}",
@@ -143,7 +157,8 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
 
 def run_study(study: str, base, workdir: str, *, seeds: int = 5,
               regime: int = 100, objectives=None, only: list[str] | None = None,
-              vmap_seeds: bool = False) -> dict[str, Any]:
+              vmap_seeds: bool = False, steps: int | None = None
+              ) -> dict[str, Any]:
   """Trains what is missing of every cell (or of the cells named in
   ``only``; with ``vmap_seeds``, an objective's missing seeds together),
   then writes the study's table, JSON and plots."""
@@ -151,7 +166,8 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   out = Path(workdir)
   num_classes = steps.load_dataset(base).num_classes
   all_cells = cells(study, base, num_classes, regime=regime,
-                    objectives=tuple(objectives) if objectives else None)
+                    objectives=tuple(objectives) if objectives else None,
+                    steps=steps)
   for cell in all_cells:
     if only and cell.name not in only:
       continue

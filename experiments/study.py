@@ -36,6 +36,8 @@ _OBJECTIVES = flags.DEFINE_list("objectives", None, "Objectives (default: the "
                                 "scarcity; CE and Gini+KL for capacity; Gini+KL "
                                 "for the knobs).")
 _CELLS = flags.DEFINE_list("cells", None, "Train only these cells.")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps of the capacity "
+                              "cells (default 600, as the scarcity cells).")
 _VMAP_SEEDS = flags.DEFINE_bool(
     "vmap_seeds", False, "Train an objective's missing seeds together under "
     "jax.vmap (faster only where measured: see the README's study section).")
@@ -50,7 +52,7 @@ def main(argv):
   results = run_with_one_line_errors(lambda: study.run_study(
       _STUDY.value, _CONFIG.value, _WORKDIR.value, seeds=_SEEDS.value,
       regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value,
-      vmap_seeds=_VMAP_SEEDS.value))
+      vmap_seeds=_VMAP_SEEDS.value, steps=_STEPS.value))
   print(study.markdown(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 

@@ -20,6 +20,20 @@ def test_scarcity_cells_train_a_fixed_number_of_steps(smoke_config):
     assert c.loss.start_epoch == pytest.approx(0.1 * c.num_epochs)
   knobs = study.cells("lambda", smoke_config(), 10, regime=20)
   assert len(knobs) == 16 and {k.pair_with for k in knobs} == {"20_per_class"}
+  # Capacity: the base width at the default steps is the regime cell itself;
+  # fewer steps (full width is slow on a CPU) make both widths new cells.
+  width = smoke_config().model_kwargs.width_multiplier
+  capacity = study.cells("capacity", smoke_config(), 10, regime=20)
+  assert [(c.name, c.runs_in) for c in capacity] == [
+      (f"20_per_class_width_{width:g}", "20_per_class"),
+      ("20_per_class_width_1", "20_per_class_width_1")]
+  short = study.cells("capacity", smoke_config(), 10, regime=20, steps=200)
+  assert [c.runs_in for c in short] == [f"20_per_class_200_steps_width_{width:g}",
+                                        "20_per_class_200_steps_width_1"]
+  assert short[1].config.model_kwargs.width_multiplier == 1.0
+  assert short[0].config.num_epochs * 200 // short[0].config.batch_size == 200
+  with pytest.raises(ConfigError, match="--steps=200 applies to the capacity"):
+    study.cells("lambda", smoke_config(), 10, steps=200)
   with pytest.raises(ConfigError, match="unknown study 'size'"):
     study.cells("size", smoke_config(), 10)
 
