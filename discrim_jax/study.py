@@ -162,9 +162,9 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   """Trains what is missing of every cell (or of the cells named in
   ``only``; with ``vmap_seeds``, an objective's missing seeds together),
   then writes the study's table, JSON and plots."""
-  from discrim_jax import steps  # pylint: disable=g-import-not-at-top
+  from discrim_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   out = Path(workdir)
-  num_classes = steps.load_dataset(base).num_classes
+  num_classes = steps_lib.load_dataset(base).num_classes
   all_cells = cells(study, base, num_classes, regime=regime,
                     objectives=tuple(objectives) if objectives else None,
                     steps=steps)
