@@ -338,7 +338,11 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
         matrix[LAMBDAS.index(g), LAMBDAS.index(k)] = 100 * stats["diff_to_ce_mean"]
     fig, ax = plt.subplots(figsize=(4.5, 3.8))
     bound = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
-    im = ax.imshow(matrix, cmap="RdBu", vmin=-bound, vmax=bound, origin="lower")
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="lightgrey")  # not run
+    im = ax.imshow(matrix, cmap=cmap, vmin=-bound, vmax=bound, origin="lower")
+    for (i, j), value in np.ndenumerate(matrix):
+      ax.text(j, i, "not run" if np.isnan(value) else f"{value:+.2f}",
+              ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(LAMBDAS)), [f"{x:g}" for x in LAMBDAS])
     ax.set_yticks(range(len(LAMBDAS)), [f"{x:g}" for x in LAMBDAS])
     ax.set(xlabel="lambda_kl", ylabel="lambda_gini",

@@ -87,3 +87,14 @@ def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
   table = (tmp_path / "start.md").read_text()
   assert "| 4_per_class_start_0 | CE+Gini+KL |" in table
   assert "runs of 4_per_class |" in table
+
+
+def test_lambda_heatmap_draws_finished_and_unfinished_cells(tmp_path):
+  diff = {"mean": 0.73, "std": 0.01, "diff_to_ce_mean": 0.012,
+          "diff_to_ce_ci95": [-0.002, 0.026]}
+  results = {"seeds": 5, "cells": {
+      "done": {"finished": True, "info": {"lambda_gini": 0.5, "lambda_kl": 2.0},
+               "objectives": {"gini_kl": {"metrics": {"test_accuracy": diff}}}},
+      "missing": {"finished": False, "info": {"lambda_gini": 2.0, "lambda_kl": 0.1}}}}
+  paths = study.plot(tmp_path, results)
+  assert [p.name for p in paths] == ["lambda.png"] and paths[0].stat().st_size > 0
