@@ -67,17 +67,6 @@ class Cell:
     self.runs_in = self.runs_in or self.name
 
 
-def _same_config(a, b) -> bool:
-  return (json.dumps(a.to_dict(), sort_keys=True, default=list)
-          == json.dumps(b.to_dict(), sort_keys=True, default=list))
-
-
-def _knob_cell(name: str, config, regime_config, objectives, reference: str,
-               info: dict[str, Any]) -> Cell:
-  return Cell(name, config, objectives, reference, info,
-              runs_in=reference if _same_config(config, regime_config) else "")
-
-
 def scarcity_config(base, per_class: int, num_classes: int, *,
                     steps: int | None = None, batch: int | None = None):
   """``base`` trained on ``per_class`` images of each class for about
@@ -123,36 +112,38 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
     steps = steps or STEPS
     config = scarcity_config(base, regime, num_classes, steps=steps)
     name = reference + ("" if steps == STEPS else f"_{steps}_steps")
-    out = []
-    for w in sorted({width, 1.0}):
-      c = config_lib.with_fields(config, **{"model_kwargs.width_multiplier": w})
-      # At the base width and the default steps: the regime cell's own runs.
-      out.append(Cell(f"{name}_width_{w:g}", c, objectives,
-                      info={"width": w, "steps": steps},
-                      runs_in=reference if _same_config(c, regime_config) else ""))
-    return out
-  objectives = objectives or ("gini_kl",)
-  if study == "lambda":
-    return [_knob_cell(f"{reference}_gini{g:g}_kl{k:g}",
-                       config_lib.with_fields(regime_config, **{"loss.lambda_gini": g,
-                                              "loss.lambda_kl": k}),
-                       regime_config, objectives, reference,
-                       {"lambda_gini": g, "lambda_kl": k})
-            for g in LAMBDAS for k in LAMBDAS]
-  if study == "layer":
-    return [_knob_cell(f"{reference}_layer_{name}",
-                       config_lib.with_fields(regime_config, **{"loss.layers": layers}),
-                       regime_config, objectives, reference, {"layers": name})
-            for name, layers in LAYERS.items()]
-  if study == "start":
+    out = [Cell(f"{name}_width_{w:g}",
+                config_lib.with_fields(config, **{"model_kwargs.width_multiplier": w}),
+                objectives, info={"width": w, "steps": steps})
+           for w in sorted({width, 1.0})]
+  elif study == "lambda":
+    out = [Cell(f"{reference}_gini{g:g}_kl{k:g}",
+                config_lib.with_fields(regime_config, **{"loss.lambda_gini": g,
+                                       "loss.lambda_kl": k}),
+                objectives or ("gini_kl",), reference,
+                {"lambda_gini": g, "lambda_kl": k})
+           for g in LAMBDAS for k in LAMBDAS]
+  elif study == "layer":
+    out = [Cell(f"{reference}_layer_{name}",
+                config_lib.with_fields(regime_config, **{"loss.layers": layers}),
+                objectives or ("gini_kl",), reference, {"layers": name})
+           for name, layers in LAYERS.items()]
+  elif study == "start":
     epochs = regime_config.num_epochs
-    return [_knob_cell(f"{reference}_start_{f:g}",
-                       config_lib.with_fields(regime_config,
-                                              **{"loss.start_epoch": f * epochs}),
-                       regime_config, objectives, reference, {"start_fraction": f})
-            for f in START_FRACTIONS]
-  raise ConfigError(f"unknown study {study!r}; use one of "
-                    "scarcity, capacity, lambda, layer, start (--study=...)")
+    out = [Cell(f"{reference}_start_{f:g}",
+                config_lib.with_fields(regime_config, **{"loss.start_epoch": f * epochs}),
+                objectives or ("gini_kl",), reference, {"start_fraction": f})
+           for f in START_FRACTIONS]
+  else:
+    raise ConfigError(f"unknown study {study!r}; use one of "
+                      "scarcity, capacity, lambda, layer, start (--study=...)")
+  # A cell that would be the same run as the regime cell's (the identity a
+  # workdir is checked against) is that cell: its runs, not retrained.
+  regime_identity = config_lib.identity(regime_config)
+  for cell in out:
+    if config_lib.identity(cell.config) == regime_identity:
+      cell.runs_in = reference
+  return out
 
 
 def run_study(study: str, base, workdir: str, *, seeds: int = 5,
