@@ -106,8 +106,10 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
     return out
   regime_config = scarcity_config(base, regime, num_classes)
   reference = f"{regime}_per_class"
+  # Capacity compares CE with the loss; a knob cell's CE is the regime cell's.
+  objectives = objectives or (("ce", "gini_kl") if study == "capacity"
+                              else ("gini_kl",))
   if study == "capacity":
-    objectives = objectives or ("ce", "gini_kl")
     width = base.model_kwargs.get("width_multiplier", 1.0)
     steps = steps or STEPS
     config = scarcity_config(base, regime, num_classes, steps=steps)
@@ -120,19 +122,19 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
     out = [Cell(f"{reference}_gini{g:g}_kl{k:g}",
                 config_lib.with_fields(regime_config, **{"loss.lambda_gini": g,
                                        "loss.lambda_kl": k}),
-                objectives or ("gini_kl",), reference,
+                objectives, reference,
                 {"lambda_gini": g, "lambda_kl": k})
            for g in LAMBDAS for k in LAMBDAS]
   elif study == "layer":
     out = [Cell(f"{reference}_layer_{name}",
                 config_lib.with_fields(regime_config, **{"loss.layers": layers}),
-                objectives or ("gini_kl",), reference, {"layers": name})
+                objectives, reference, {"layers": name})
            for name, layers in LAYERS.items()]
   elif study == "start":
     epochs = regime_config.num_epochs
     out = [Cell(f"{reference}_start_{f:g}",
                 config_lib.with_fields(regime_config, **{"loss.start_epoch": f * epochs}),
-                objectives or ("gini_kl",), reference, {"start_fraction": f})
+                objectives, reference, {"start_fraction": f})
            for f in START_FRACTIONS]
   else:
     raise ConfigError(f"unknown study {study!r}; use one of "
