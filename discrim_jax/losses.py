@@ -23,8 +23,12 @@ shape ``(B,)`` in ``[0, C)``::
 All statistics are computed in float32 whatever the input dtype (float64
 inputs, under ``jax_enable_x64``, stay float64). The functions
 are pure, jit-able and invariant to the order of the samples. Under ``jax.jit``
-with the batch sharded over a mesh, XLA reduces over the global batch, so the
-value equals that of a single device holding the same global batch.
+with the batch sharded over a mesh (``Auto`` or ``Explicit`` axes), XLA
+reduces over the global batch, so the value equals that of a single device
+holding the same global batch. Inside ``jax.shard_map`` or ``jax.pmap``, where
+each device sees only its part, pass ``axis_name``: the class statistics are
+summed over that axis first, so value and gradient are again the whole
+batch's.
 
 Labels out of range: with concrete (non-traced) labels a ``ValueError`` is
 raised. Under ``jax.jit`` the labels cannot be inspected, so the losses return
@@ -35,7 +39,7 @@ number -- and the training loop's NaN check stops the run. The input pipeline
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +56,38 @@ __all__ = [
     "discriminability_loss",
 ]
 
+# An axis name of jax.shard_map / jax.pmap (a string, or a tuple of them).
+AxisName = Hashable | tuple[Hashable, ...] | None
+
 # Floor for q[c] inside the logarithm: q[c] is exactly 0 only when no live
 # feature fires for class c; the floor keeps the KL term finite there.
 _Q_FLOOR = 1e-10
 
 
-def _validate(features: jax.Array, labels: jax.Array, num_classes: int) -> None:
-  if not isinstance(num_classes, int) or isinstance(num_classes, bool):
-    raise ValueError(
-        f"num_classes must be a static Python int, got {num_classes!r}")
+def _num_classes(num_classes) -> int:
+  """``num_classes`` as a Python int (NumPy integers are accepted)."""
+  if isinstance(num_classes, (bool, np.bool_)) or not isinstance(
+      num_classes, (int, np.integer)):
+    raise TypeError(
+        f"num_classes must be a static integer (a Python or NumPy int), got "
+        f"{num_classes!r} of type {type(num_classes).__name__}")
+  return int(num_classes)
+
+
+def _as_array(x, name: str) -> jax.Array:
+  if isinstance(x, Mapping):
+    raise TypeError(
+        f"{name} must be an array, got a mapping with keys {sorted(x)}; pass "
+        "one layer's activations (discriminability_loss takes the mapping)")
+  return jnp.asarray(x)
+
+
+def _validate(features, labels, num_classes) -> tuple[jax.Array, jax.Array, int]:
+  """The checked ``(features, labels, num_classes)``; raises TypeError or
+  ValueError naming what was expected."""
+  num_classes = _num_classes(num_classes)
+  features = _as_array(features, "features")
+  labels = _as_array(labels, "labels")
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
   if features.ndim < 2:
@@ -84,6 +111,7 @@ def _validate(features: jax.Array, labels: jax.Array, num_classes: int) -> None:
       raise ValueError(
           f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]; "
           f"check num_classes or the data set's label map")
+  return features, labels, num_classes
 
 
 def _statistics_dtype(features: jax.Array):
@@ -91,8 +119,12 @@ def _statistics_dtype(features: jax.Array):
   return jnp.promote_types(features.dtype, jnp.float32)
 
 
-def _labels_valid(labels: jax.Array, num_classes: int) -> jax.Array:
-  return jnp.all((labels >= 0) & (labels < num_classes))
+def _labels_valid(labels: jax.Array, num_classes: int,
+                  axis_name: AxisName = None) -> jax.Array:
+  bad = jnp.sum((labels < 0) | (labels >= num_classes))
+  if axis_name is not None:
+    bad = jax.lax.psum(bad, axis_name)
+  return bad == 0
 
 
 def _class_sums(a: jax.Array, onehot: jax.Array) -> jax.Array:
@@ -109,22 +141,29 @@ def _class_sums(a: jax.Array, onehot: jax.Array) -> jax.Array:
 
 
 def class_feature_sums(features: jax.Array, labels: jax.Array, num_classes: int,
-                       weights: jax.Array | None = None
+                       weights: jax.Array | None = None, *,
+                       axis_name: AxisName = None
                        ) -> tuple[jax.Array, jax.Array]:
   """Per-class sums of feature strength, for statistics over several batches.
 
   Returns ``(S, n)`` with ``S[f, c] = sum_{i: y_i = c} w_i a[i, f]`` (shape
   ``(F, C)``) and ``n[c] = sum_{i: y_i = c} w_i``, float32; ``w`` defaults to
   ones (a 0/1 mask drops padded examples). Sums from several batches add up;
-  :func:`distribution_from_sums` turns them into ``P``.
+  :func:`distribution_from_sums` turns them into ``P``. With ``axis_name``
+  (inside ``shard_map``/``pmap``) the sums are over the batch of every
+  device on that axis.
   """
+  num_classes = _num_classes(num_classes)
   dtype = _statistics_dtype(features)
   x = jnp.abs(features.astype(dtype))
   a = jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
   onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype)  # (B, C)
   if weights is not None:
     onehot = onehot * weights.astype(dtype)[:, None]
-  return _class_sums(a, onehot), jnp.sum(onehot, axis=0)
+  sums, counts = _class_sums(a, onehot), jnp.sum(onehot, axis=0)
+  if axis_name is not None:
+    sums, counts = jax.lax.psum((sums, counts), axis_name)
+  return sums, counts
 
 
 def distribution_from_sums(sums: jax.Array, counts: jax.Array) -> jax.Array:
@@ -135,13 +174,6 @@ def distribution_from_sums(sums: jax.Array, counts: jax.Array) -> jax.Array:
   row = jnp.sum(m, axis=1, keepdims=True)
   alive = row > 0
   return jnp.where(alive, m / jnp.where(alive, row, 1.0), 0.0)
-
-
-def _statistics(features: jax.Array, labels: jax.Array,
-                num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Returns (P of shape (F, C), class counts n of shape (C,)), float32."""
-  sums, n = class_feature_sums(features, labels, num_classes)
-  return distribution_from_sums(sums, n), n
 
 
 def gini_from_distribution(p: jax.Array) -> jax.Array:
@@ -167,8 +199,26 @@ def _nan_unless(valid: jax.Array, value: jax.Array) -> jax.Array:
   return jnp.where(valid, value, jnp.nan)
 
 
+def _checked_statistics(features, labels, num_classes, axis_name):
+  """``(P, n, labels valid)`` over the (global) batch, after the checks."""
+  features, labels, num_classes = _validate(features, labels, num_classes)
+  sums, n = class_feature_sums(features, labels, num_classes,
+                               axis_name=axis_name)
+  return (distribution_from_sums(sums, n), n,
+          _labels_valid(labels, num_classes, axis_name))
+
+
+_AXIS_DOC = """    axis_name: inside ``jax.shard_map`` or ``jax.pmap``, the name of the
+      mapped axis the batch is split over: the statistics are then those of
+      the whole batch across that axis (the value, and the gradient with
+      respect to each device's features, equal one device's holding the
+      whole batch). ``None`` (default) under plain ``jax.jit``, where a
+      sharded batch is already reduced globally."""
+
+
 def class_feature_distribution(features: jax.Array, labels: jax.Array,
-                               num_classes: int) -> jax.Array:
+                               num_classes: int, *,
+                               axis_name: AxisName = None) -> jax.Array:
   """Each feature's distribution over the classes of the batch.
 
   ``P[f, c] = M[f, c] / sum_c' M[f, c']`` with ``M[f, c]`` the mean over the
@@ -178,29 +228,28 @@ def class_feature_distribution(features: jax.Array, labels: jax.Array,
   Args:
     features: activations of shape ``(B, ..., F)``, any float dtype.
     labels: integer labels of shape ``(B,)`` in ``[0, num_classes)``.
-    num_classes: the number of classes ``C`` (a static Python int >= 2).
+    num_classes: the number of classes ``C`` (a static integer >= 2).
+{axis}
 
   Returns:
     A float32 array of shape ``(F, C)``; NaN everywhere if a traced label is
     out of range.
   """
-  _validate(features, labels, num_classes)
-  p, _ = _statistics(features, labels, num_classes)
-  return _nan_unless(_labels_valid(labels, num_classes), p)
+  p, _, valid = _checked_statistics(features, labels, num_classes, axis_name)
+  return _nan_unless(valid, p)
 
 
-def gini_and_kl(features: jax.Array, labels: jax.Array,
-                num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Returns ``(L_gini, L_kl)`` for one layer, sharing the statistics."""
-  _validate(features, labels, num_classes)
-  p, n = _statistics(features, labels, num_classes)
-  valid = _labels_valid(labels, num_classes)
+def gini_and_kl(features: jax.Array, labels: jax.Array, num_classes: int, *,
+                axis_name: AxisName = None) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(L_gini, L_kl)`` for one layer, sharing the statistics
+  (arguments as :func:`gini_loss`)."""
+  p, n, valid = _checked_statistics(features, labels, num_classes, axis_name)
   return (_nan_unless(valid, gini_from_distribution(p)),
           _nan_unless(valid, _kl_from_p(p, n)))
 
 
-def gini_loss(features: jax.Array, labels: jax.Array,
-              num_classes: int) -> jax.Array:
+def gini_loss(features: jax.Array, labels: jax.Array, num_classes: int, *,
+              axis_name: AxisName = None) -> jax.Array:
   """Gini impurity of the features with respect to the class labels.
 
   ``L_gini = mean_f (1 - sum_c P[f, c]^2)``, with ``P`` from
@@ -211,16 +260,17 @@ def gini_loss(features: jax.Array, labels: jax.Array,
   Args:
     features: activations of shape ``(B, ..., F)``, any float dtype.
     labels: integer labels of shape ``(B,)`` in ``[0, num_classes)``.
-    num_classes: the number of classes (a static Python int >= 2).
+    num_classes: the number of classes (a static integer >= 2).
+{axis}
 
   Returns:
     A float32 scalar.
   """
-  return gini_and_kl(features, labels, num_classes)[0]
+  return gini_and_kl(features, labels, num_classes, axis_name=axis_name)[0]
 
 
-def kl_loss(features: jax.Array, labels: jax.Array,
-            num_classes: int) -> jax.Array:
+def kl_loss(features: jax.Array, labels: jax.Array, num_classes: int, *,
+            axis_name: AxisName = None) -> jax.Array:
   """KL divergence between the batch's class distribution and the features'.
 
   ``L_kl = KL(pi || q) = sum_{c: n[c] > 0} pi[c] log(pi[c] / q[c])`` with
@@ -231,12 +281,21 @@ def kl_loss(features: jax.Array, labels: jax.Array,
   Args:
     features: activations of shape ``(B, ..., F)``, any float dtype.
     labels: integer labels of shape ``(B,)`` in ``[0, num_classes)``.
-    num_classes: the number of classes (a static Python int >= 2).
+    num_classes: the number of classes (a static integer >= 2).
+{axis}
 
   Returns:
     A float32 scalar.
   """
-  return gini_and_kl(features, labels, num_classes)[1]
+  return gini_and_kl(features, labels, num_classes, axis_name=axis_name)[1]
+
+
+def _check_weights(name: str, weights) -> dict[str, float]:
+  if not isinstance(weights, Mapping):
+    raise TypeError(
+        f"{name} must map layer names to weights, e.g. {{'stage4': 0.5}}; got "
+        f"{weights!r} of type {type(weights).__name__}")
+  return dict(weights)
 
 
 def discriminability_loss(
@@ -246,6 +305,7 @@ def discriminability_loss(
     *,
     gini_weights: Mapping[str, float],
     kl_weights: Mapping[str, float],
+    axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted auxiliary objective over K chosen layers.
 
@@ -256,20 +316,37 @@ def discriminability_loss(
 
   Args:
     features: named activations, as the models in ``discrim_jax.models``
-      return them.
+      return them (or :func:`discrim_jax.features.capture` takes from any
+      Flax model).
     labels: integer labels of shape ``(B,)``.
-    num_classes: the number of classes (a static Python int >= 2).
+    num_classes: the number of classes (a static integer >= 2).
     gini_weights: layer name -> lambda_gini (a missing name means 0).
     kl_weights: layer name -> lambda_kl (a missing name means 0).
+{axis}
 
   Returns:
     ``(total, terms)``: the weighted total (float32 scalar) and a dict with
     ``gini/<layer>`` and ``kl/<layer>`` for every chosen layer, for logging.
 
   Raises:
-    ValueError: if a weight names a layer that ``features`` does not have.
+    TypeError: if ``features`` is not a mapping or a weight is not a dict.
+    ValueError: if the weights name no layer, or a layer that ``features``
+      does not have.
   """
+  if not isinstance(features, Mapping):
+    raise TypeError(
+        "features must map layer names to activations, e.g. {'stage4': x}; "
+        f"got {type(features).__name__}"
+        + (f" of shape {features.shape}" if hasattr(features, "shape") else "")
+        + "; for one layer's array use gini_and_kl")
+  gini_weights = _check_weights("gini_weights", gini_weights)
+  kl_weights = _check_weights("kl_weights", kl_weights)
   layers = sorted(set(gini_weights) | set(kl_weights))
+  if not layers:
+    raise ValueError(
+        "gini_weights and kl_weights name no layer; name the layer(s) to "
+        f"regularise, e.g. gini_weights={{'stage4': 0.5}}; available: "
+        f"{sorted(features)}")
   missing = [name for name in layers if name not in features]
   if missing:
     raise ValueError(
@@ -278,11 +355,16 @@ def discriminability_loss(
   terms: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   for name in layers:
-    gini, kl = gini_and_kl(features[name], labels, num_classes)
+    gini, kl = gini_and_kl(features[name], labels, num_classes,
+                           axis_name=axis_name)
     terms[f"gini/{name}"] = gini
     terms[f"kl/{name}"] = kl
     total = (total + gini_weights.get(name, 0.0) * gini
              + kl_weights.get(name, 0.0) * kl)
-  if layers:
-    total = total / len(layers)
-  return total, terms
+  return total / len(layers), terms
+
+
+for _fn in (class_feature_distribution, gini_loss, kl_loss,
+            discriminability_loss):
+  _fn.__doc__ = _fn.__doc__.replace("{axis}", _AXIS_DOC)
+del _fn

@@ -291,8 +291,19 @@ def test_discriminability_loss_unknown_layer():
                                  gini_weights={"stage9": 1.0}, kl_weights={})
 
 
-def test_discriminability_loss_no_layers_is_zero():
-  total, terms = losses.discriminability_loss(
-      {"stage4": np.ones((2, 3))}, np.array([0, 1]), 2, gini_weights={},
-      kl_weights={})
-  assert float(total) == 0.0 and terms == {}
+def test_api_mistakes_are_one_line_errors():
+  x, y = np.ones((2, 3), np.float32), np.array([0, 1])
+  with pytest.raises(ValueError, match=r"name no layer.*available: \['stage4'\]"):
+    losses.discriminability_loss({"stage4": x}, y, 2, gini_weights={},
+                                 kl_weights={})
+  with pytest.raises(TypeError, match=r"features must map layer names.*shape \(2, 3\)"):
+    losses.discriminability_loss(jnp.asarray(x), y, 2, gini_weights={"a": 1.0},
+                                 kl_weights={})
+  with pytest.raises(TypeError, match=r"gini_weights must map layer names.*got 0.5"):
+    losses.discriminability_loss({"a": x}, y, 2, gini_weights=0.5, kl_weights={})
+  with pytest.raises(TypeError, match=r"num_classes must be a static integer.*2.0"):
+    losses.gini_loss(x, y, 2.0)
+  with pytest.raises(TypeError, match="features must be an array, got a mapping"):
+    losses.gini_loss({"a": x}, y, 2)
+  # NumPy integers are integers.
+  assert float(losses.gini_loss(x, y, np.int64(2))) == float(losses.gini_loss(x, y, 2))
