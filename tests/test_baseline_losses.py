@@ -53,6 +53,17 @@ def np_supcon(f, y, t=0.1):
   return np.mean(losses) if losses else 0.0
 
 
+# Tolerances in this module. Inputs are float32 for the loss and its float64
+# NumPy reference alike, so the difference is the loss's float32 arithmetic:
+# Gram entries are dot products of unit vectors (<= 6 terms), and the losses
+# sum at most 32 x 32 of them (relative rounding <= ~1e3 * 2**-24 ~ 6e-5 in
+# the worst case for naive sums, ~1e-6 for the blocked sums XLA emits);
+# SupCon's logsumexp divides by t = 0.1, which scales absolute errors by 10
+# but not relative ones. RTOL = 1e-5 covers the sums XLA emits with a margin
+# of 10 on any x86-64 CPU; a loss that is near 0 gets an absolute bound of
+# RTOL as well.
+RTOL = 1e-5
+
 # ------------------------------------------------------------ hand cases
 
 
@@ -60,7 +71,8 @@ def test_hand_values():
   f = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]], np.float32)
   y = np.array([0, 0, 1])
   # Same class: z0.z1 = 1 (s = 1); different: z0.z2 = z1.z2 = 0 (d = 0).
-  assert float(bl.orthogonal_projection_loss(f, y)) == pytest.approx(0.0, abs=1e-5)
+  # 1 - 1/(1 + 1e-6) + 0: the reference's own 1e-6 guard leaves ~1e-6.
+  assert float(bl.orthogonal_projection_loss(f, y)) == pytest.approx(0.0, abs=RTOL)
   # Centres at the class means: 1/2 (0.5^2 + 0.5^2 + 0) / 3.
   c = np.array([[1.5, 0.0], [0.0, 3.0]], np.float32)
   assert float(bl.center_loss(f, y, c)) == pytest.approx(0.25 / 3, rel=1e-6)
@@ -84,9 +96,10 @@ def test_random_inputs_match_numpy_and_jit(shape):
            (bl.orthogonal_projection_loss, (f, y), np_opl(f, y)),
            (bl.supervised_contrastive_loss, (f, y), np_supcon(f, y))]
   for fn, args, expected in cases:
-    np.testing.assert_allclose(fn(*args), expected, rtol=1e-5, err_msg=fn.__name__)
-    np.testing.assert_allclose(jax.jit(fn)(*args), expected, rtol=1e-5,
+    np.testing.assert_allclose(fn(*args), expected, rtol=RTOL, atol=RTOL,
                                err_msg=fn.__name__)
+    np.testing.assert_allclose(jax.jit(fn)(*args), expected, rtol=RTOL,
+                               atol=RTOL, err_msg=fn.__name__)
 
 
 def test_gradients_match_finite_differences():
@@ -110,7 +123,9 @@ def test_permutation_invariance():
   y = rng.integers(0, 3, size=10)
   perm = rng.permutation(10)
   for fn in (bl.orthogonal_projection_loss, bl.supervised_contrastive_loss):
-    np.testing.assert_allclose(fn(f, y), fn(f[perm], y[perm]), rtol=1e-5)
+    # The same float32 sums in another order (RTOL above).
+    np.testing.assert_allclose(fn(f, y), fn(f[perm], y[perm]), rtol=RTOL,
+                               atol=RTOL)
 
 
 # ------------------------------------------------------------ edge cases
@@ -158,6 +173,8 @@ def test_bf16_matches_float32_of_the_rounded_input():
   f = jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16)
   y = rng.integers(0, 4, size=16)
   for fn in (bl.orthogonal_projection_loss, bl.supervised_contrastive_loss):
+    # Both compute in float32 from the same (bf16-exact) values: the same
+    # program but for the cast, so a few ulps at most.
     np.testing.assert_allclose(fn(f, y), fn(f.astype(jnp.float32), y), rtol=1e-6)
 
 
@@ -190,5 +207,6 @@ def test_sharded_batch_gives_the_global_value():
   refs = {"center": np_center(f, y, c), "opl": np_opl(f, y), "supcon": np_supcon(f, y)}
   for name, fn in fns.items():
     sharded = jax.jit(fn)(fs, ys)
-    chex.assert_trees_all_close(sharded, jax.jit(fn)(f, y), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(sharded, refs[name], rtol=1e-5, err_msg=name)
+    # The same sums split over 8 devices (RTOL above).
+    chex.assert_trees_all_close(sharded, jax.jit(fn)(f, y), rtol=RTOL, atol=RTOL)
+    np.testing.assert_allclose(sharded, refs[name], rtol=RTOL, err_msg=name)

@@ -35,14 +35,27 @@ def reference_terms(x, y, num_classes):
 # ----------------------------------------------------------- hand-computed cases
 
 
+# Tolerances in this module. The inputs are rounded to float32 before both
+# the loss and its float64 NumPy reference see them, so the only difference
+# is the loss's float32 arithmetic: sums of at most n = 32 examples x 16
+# positions (relative rounding <= n * 2**-24 ~ 3e-5 in the worst case, and
+# ~1e-6 for the pairwise/blocked sums XLA emits), then a division per entry
+# and one log. RTOL = 1e-5 bounds values that are O(1) and well conditioned
+# (P, Gini); KL is a sum of terms pi*log(pi/q) that cancel towards 0, so it
+# is compared with rtol 1e-4 and an absolute 1e-6 (pi <= 1 times the log's
+# relative error ~1e-6). Hand cases built from a few exact operations are
+# compared with a few float32 ulps of 1 (1e-6), or exactly.
+RTOL = 1e-5
+
+
 def test_one_class_per_feature_gives_zero_gini():
   # Feature c fires only on samples of class c.
   x = jnp.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0],
                  [4.0, 0.0, 0.0]])
   y = jnp.array([0, 1, 2, 0])
-  np.testing.assert_allclose(losses.gini_loss(x, y, 3), 0.0, atol=1e-7)
-  np.testing.assert_allclose(
-      losses.class_feature_distribution(x, y, 3), np.eye(3), atol=1e-7)
+  # Each P entry is m / m (exactly 1) or 0 / m (exactly 0): exact in float32.
+  np.testing.assert_array_equal(losses.gini_loss(x, y, 3), 0.0)
+  np.testing.assert_array_equal(losses.class_feature_distribution(x, y, 3), np.eye(3))
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -50,6 +63,8 @@ def test_feature_equally_active_on_k_classes(k):
   # One feature with the same mean strength on k classes (a 10-class problem).
   y = jnp.arange(k)
   x = jnp.full((k, 1), 0.7)
+  # P = 1/k per class (k equal float32 numbers divided by their sum: within
+  # a few ulps), so 1 - k (1/k)^2 is within a few ulps of 1.
   np.testing.assert_allclose(losses.gini_loss(x, y, 10), 1 - 1 / k, rtol=1e-6)
 
 
@@ -59,6 +74,8 @@ def test_mean_over_middle_axes_and_abs():
   x1 = jnp.full((2, 2, 1), -3.0)
   x = jnp.stack([x0, x1])
   p = losses.class_feature_distribution(x, jnp.array([0, 1]), 2)
+  # Means of |x| that are exact in float32 (1 and 3), then 1/4 and 3/4:
+  # exact; the 1e-6 only allows a few ulps of a blocked mean.
   np.testing.assert_allclose(p, [[0.25, 0.75]], rtol=1e-6)
   np.testing.assert_allclose(
       losses.gini_loss(x, jnp.array([0, 1]), 2), 1 - (1 / 16 + 9 / 16), rtol=1e-6)
@@ -69,6 +86,7 @@ def test_kl_zero_when_q_matches_class_distribution():
   # 2 for class 1 -> q = [2/3, 1/3].
   x = jnp.array([[1.0, 2.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
   y = jnp.array([0, 0, 1])
+  # q is a ratio of sums of P entries 1 and 0: |log(pi / q)| is a few ulps.
   np.testing.assert_allclose(losses.kl_loss(x, y, 2), 0.0, atol=1e-6)
 
 
@@ -78,7 +96,9 @@ def test_kl_hand_value():
   x = jnp.array([[1.0, 1.0], [0.0, 0.0]])
   y = jnp.array([0, 1])
   expected = 0.5 * np.log(0.5 / 1.0) + 0.5 * np.log(0.5 / 1e-10)
-  np.testing.assert_allclose(losses.kl_loss(x, y, 2), expected, rtol=1e-5)
+  # Two float32 logs of exact operands (the floor 1e-10 is rounded to float32,
+  # relative 3e-8): a few ulps of the result.
+  np.testing.assert_allclose(losses.kl_loss(x, y, 2), expected, rtol=RTOL)
 
 
 # -------------------------------------------------------- reference comparison
@@ -91,13 +111,16 @@ def test_random_inputs_match_numpy_reference(shape):
   y = rng.integers(0, 5, size=shape[0])
   y[:3] = 7  # make sure some classes (here 5, 6, 8, 9) are absent, 7 present
   p_ref, gini_ref, kl_ref = reference_terms(x, y, 10)
+  # atol for P entries of absent classes (exactly 0) and near-0 ones.
   np.testing.assert_allclose(losses.class_feature_distribution(x, y, 10), p_ref,
-                             rtol=1e-5, atol=1e-7)
+                             rtol=RTOL, atol=1e-7)
   gini, kl = jax.jit(losses.gini_and_kl, static_argnums=2)(x, y, 10)
-  np.testing.assert_allclose(gini, gini_ref, rtol=1e-5)
+  np.testing.assert_allclose(gini, gini_ref, rtol=RTOL)
   np.testing.assert_allclose(kl, kl_ref, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(losses.gini_loss(x, y, 10), gini, rtol=1e-6)
-  np.testing.assert_allclose(losses.kl_loss(x, y, 10), kl, rtol=1e-5, atol=1e-7)
+  # Eager against jit: the same operations, which XLA may fuse and order
+  # differently: the reference's bounds apply.
+  np.testing.assert_allclose(losses.gini_loss(x, y, 10), gini, rtol=RTOL)
+  np.testing.assert_allclose(losses.kl_loss(x, y, 10), kl, rtol=1e-4, atol=1e-6)
 
 
 def test_jit_and_eager_agree():
@@ -105,8 +128,10 @@ def test_jit_and_eager_agree():
   x = jnp.asarray(rng.normal(size=(8, 3, 3, 4)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, size=8))
   for fn in (losses.gini_loss, losses.kl_loss, losses.class_feature_distribution):
+    # Same operations, possibly another summation order (see RTOL); atol for
+    # P entries that are 0.
     chex.assert_trees_all_close(fn(x, y, 3), jax.jit(fn, static_argnums=2)(x, y, 3),
-                                rtol=1e-5, atol=1e-7)
+                                rtol=RTOL, atol=1e-7)
 
 
 def test_permutation_invariance():
@@ -116,7 +141,8 @@ def test_permutation_invariance():
   perm = rng.permutation(20)
   a = losses.gini_and_kl(x, y, 4)
   b = losses.gini_and_kl(x[perm], y[perm], 4)
-  chex.assert_trees_all_close(a, b, rtol=1e-6)
+  # A permutation reorders the float32 sums over 20 examples (RTOL above).
+  chex.assert_trees_all_close(a, b, rtol=RTOL, atol=1e-6)
 
 
 def test_gradients_match_finite_differences():
@@ -125,6 +151,9 @@ def test_gradients_match_finite_differences():
   x = jnp.asarray(rng.uniform(0.5, 2.0, size=(6, 2, 2, 3)) *
                   rng.choice([-1, 1], size=(6, 2, 2, 3)), jnp.float32)
   y = jnp.array([0, 1, 2, 0, 1, 1])
+  # Central differences in float32 with step 1e-3: truncation ~eps**2 ~ 1e-6
+  # and cancellation 2**-24 / 1e-3 ~ 6e-5 relative to the loss; 1e-2 is
+  # check_grads' own float32 default.
   check_grads(lambda x: losses.gini_loss(x, y, 4), (x,), order=1,
               modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-3)
   check_grads(lambda x: losses.kl_loss(x, y, 4), (x,), order=1,
@@ -172,7 +201,8 @@ def test_dead_feature_counts_as_impurity_one_without_gradient():
   x = np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]], np.float32)
   y = np.array([0, 1, 0])
   # Feature 0: class 0 only -> impurity 0; feature 1 dead -> impurity 1.
-  np.testing.assert_allclose(losses.gini_loss(x, y, 2), 0.5, rtol=1e-6)
+  # 1 - (1^2 + 0^2) and 1 - 0: exact, then a mean of two: exact.
+  np.testing.assert_array_equal(losses.gini_loss(x, y, 2), 0.5)
   grad = jax.grad(lambda x: losses.gini_loss(x, y, 2))(jnp.asarray(x))
   np.testing.assert_array_equal(grad[:, 1], 0.0)
 
@@ -180,8 +210,9 @@ def test_dead_feature_counts_as_impurity_one_without_gradient():
 def test_single_class_batch_values():
   x = jnp.abs(jax.random.normal(jax.random.key(0), (5, 3))) + 0.1
   y = jnp.zeros(5, jnp.int32)
-  np.testing.assert_allclose(losses.gini_loss(x, y, 4), 0.0, atol=1e-6)
-  np.testing.assert_allclose(losses.kl_loss(x, y, 4), 0.0, atol=1e-6)
+  # One class: P entries are m / m = 1 exactly, pi = q = 1.
+  np.testing.assert_array_equal(losses.gini_loss(x, y, 4), 0.0)
+  np.testing.assert_array_equal(losses.kl_loss(x, y, 4), 0.0)
 
 
 def test_bf16_statistics_in_float32():
@@ -192,7 +223,8 @@ def test_bf16_statistics_in_float32():
   _, gini_ref, kl_ref = reference_terms(np.asarray(x16, np.float32), y, 4)
   gini, kl = losses.gini_and_kl(x16, y, 4)
   assert gini.dtype == jnp.float32 and kl.dtype == jnp.float32
-  np.testing.assert_allclose(gini, gini_ref, rtol=1e-5)
+  # The reference sees the same bf16-rounded inputs: float32 rounding only.
+  np.testing.assert_allclose(gini, gini_ref, rtol=RTOL)
   np.testing.assert_allclose(kl, kl_ref, rtol=1e-4, atol=1e-6)
 
 
@@ -238,11 +270,12 @@ def test_sharded_equals_single_device(axis_type):
   fn = jax.jit(lambda x, y: losses.gini_and_kl(x, y, 10))
   sharded = fn(xs, ys)
   single = fn(jax.device_put(x, devices[0]), jax.device_put(y, devices[0]))
-  chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-7)
+  # The same sums over 32 examples, split over 8 devices: RTOL above.
+  chex.assert_trees_all_close(sharded, single, rtol=RTOL, atol=1e-7)
   # And it is the global-batch value, not that of one device's slice.
   _, gini_ref, kl_ref = reference_terms(x, y, 10)
-  np.testing.assert_allclose(sharded[0], gini_ref, rtol=1e-5)
-  np.testing.assert_allclose(sharded[1], kl_ref, rtol=1e-4)
+  np.testing.assert_allclose(sharded[0], gini_ref, rtol=RTOL)
+  np.testing.assert_allclose(sharded[1], kl_ref, rtol=1e-4, atol=1e-6)
   _, gini_slice, _ = reference_terms(x[:4], y[:4], 10)
   assert abs(gini_slice - gini_ref) > 1e-3
 
@@ -281,8 +314,10 @@ def test_discriminability_loss_weights_and_terms():
   g3, k3 = reference_terms(feats["stage3"], y, 3)[1:]
   g4, k4 = reference_terms(feats["stage4"], y, 3)[1:]
   assert sorted(terms) == ["gini/stage3", "gini/stage4", "kl/stage3", "kl/stage4"]
-  np.testing.assert_allclose(terms["kl/stage3"], k3, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(total, (0.5 * g3 + 0.2 * g4 + 0.7 * k4) / 2, rtol=1e-5)
+  np.testing.assert_allclose(terms["kl/stage3"], k3, rtol=1e-4, atol=1e-6)  # KL's bound
+  # A weighted sum of three O(1) terms, each within rtol 1e-4 (KL) or RTOL.
+  np.testing.assert_allclose(total, (0.5 * g3 + 0.2 * g4 + 0.7 * k4) / 2,
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_discriminability_loss_unknown_layer():

@@ -87,6 +87,8 @@ def test_center_loss_centres_move_by_sgd_at_their_own_rate(smoke_config):
     loss, grad = jax.value_and_grad(baseline_losses.center_loss, argnums=2)(
         features["pre_logits"], batch["label"], centers)
     new_state, metrics = trainer.train_step(state, batch)
+    # float64: the step applies scale(1/w), the SGD update and the weight
+    # (w * grad / w) in a few float64 operations: ~1e-15 relative.
     np.testing.assert_allclose(new_state.params[steps.AUX]["centers"],
                                centers - 0.3 * np.asarray(grad), rtol=1e-12,
                                atol=1e-14)

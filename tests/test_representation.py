@@ -66,6 +66,9 @@ def test_linear_probe_is_invariant_to_feature_scale():
   scaled = x * np.array([1e3, 1e-3, 1.0, 10.0], np.float32)
   b = rep.linear_probe_accuracy(scaled[:60], y[:60], scaled[60:], y[60:],
                                 num_classes=3)
+  # L-BFGS on rescaled features reaches another optimum to its tolerance,
+  # which may move one of the 30 test predictions near the boundary: the
+  # bound is one prediction, not a rounding figure.
   assert a == pytest.approx(b, abs=1 / 30)
 
 
@@ -81,8 +84,14 @@ def np_nc1(x, y, num_classes):
 
 def test_nc1_matches_numpy_and_is_zero_when_collapsed():
   x, y = _clusters(25, 4, 6, spread=1.0, seed=6)
+  # float32 covariances of 100 examples and a pseudo-inverse of a 6x6 matrix
+  # of rank 3 (condition number ~10 here): relative error ~1e2 * 1e2 * 2**-24
+  # ~ 1e-4 at worst; rel=1e-3 is ten times that.
   assert rep.nc1(x, y, num_classes=4) == pytest.approx(np_nc1(x, y, 4), rel=1e-3)
   collapsed, y2 = _clusters(25, 4, 6, spread=0.0, seed=6)
+  # Every example equals its class mean: the within-class scatter is a sum of
+  # squares of float32 differences of equal numbers (0) plus the rounding of
+  # the means (~2**-24 relative to the feature scale ~1), squared: < 1e-12.
   assert rep.nc1(collapsed, y2, num_classes=4) == pytest.approx(0.0, abs=1e-6)
   # A class absent from the split is left out, not counted as a zero mean.
   assert rep.nc1(x, y, num_classes=6) == pytest.approx(np_nc1(x, y, 4), rel=1e-3)
