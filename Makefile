@@ -4,13 +4,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# What `make run` needs; `make test` adds the test, PyTorch-reference and
+# The library with the training app's extra is what `make run` needs; `make test` adds the test, PyTorch-reference and
 # benchmark extras. ACCEL=cuda12 (NVIDIA GPUs) or ACCEL=tpu (Cloud TPU VMs)
 # also installs JAX for that accelerator: `make run ACCEL=cuda12`.
 ACCEL ?=
 comma := ,
-EXTRAS := $(if $(ACCEL),[$(ACCEL)],)
-TEST_EXTRAS := [test,pretrained,bench$(if $(ACCEL),$(comma)$(ACCEL),)]
+EXTRAS := [app$(if $(ACCEL),$(comma)$(ACCEL),)]
+TEST_EXTRAS := [app,test,pretrained,bench$(if $(ACCEL),$(comma)$(ACCEL),)]
 STAMP := $(VENV)/.installed-run$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test$(ACCEL)
 # PyTorch's own index of CPU-only wheels (about 1 GB installed, against 5 GB

@@ -11,6 +11,10 @@ so that a slow spell of a shared machine hits all of them.
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import dataclasses
 import functools
 import json

@@ -3,6 +3,10 @@ errors, log routing, the compilation cache and ``jax.distributed``."""
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import logging as std_logging
 import os
 from pathlib import Path

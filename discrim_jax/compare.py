@@ -17,6 +17,10 @@ ones resume from their checkpoints), then writes into ``WORKDIR``:
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import copy
 import json
 import math

@@ -13,6 +13,10 @@ for (:func:`compiler_options`).
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import copy
 import json
 from typing import Any

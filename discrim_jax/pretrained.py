@@ -18,6 +18,10 @@ its fresh initialisation (fine-tuning on another data set).
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 from collections.abc import Iterator, Mapping
 import re
 from pathlib import Path

@@ -10,6 +10,10 @@ anything. The full log (absl INFO, CLU's metric echo) goes to the workdir's
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import sys
 import time
 from typing import TextIO

@@ -15,6 +15,10 @@ built once from one function:
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 from collections.abc import Callable, Iterator
 import dataclasses
 import functools

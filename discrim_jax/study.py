@@ -30,6 +30,10 @@ and 95% t-intervals, and the cell's wall time) and plots (``scarcity.png``,
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import dataclasses
 import json
 import math

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import json
 import subprocess
 import sys

@@ -18,6 +18,10 @@ layer over the test split, for the best-validation model).
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 from collections.abc import Callable, Iterator
 import contextlib
 import copy

@@ -10,6 +10,10 @@ leaves nothing that blocks the corrected command.
 
 from __future__ import annotations
 
+from discrim_jax import _app
+
+_app.require(__name__)
+
 import json
 import math
 from pathlib import Path
