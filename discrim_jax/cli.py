@@ -7,6 +7,7 @@ from discrim_jax import _app
 
 _app.require(__name__)
 
+import contextlib
 import logging as std_logging
 import os
 from pathlib import Path
@@ -45,13 +46,40 @@ def route_logs(workdir: str) -> Path:
   return path / "log.txt"
 
 
+@contextlib.contextmanager
+def in_workdir(workdir: str):
+  """For the block: the workdir's lock (one process at a time; taken before
+  any file in it is touched), then the full log routed into it."""
+  from discrim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with workdir_lib.locked(workdir):
+    route_logs(workdir)
+    yield
+
+
 def parse_flags(argv):
   """absl's flag parser, with a one-line error for a bad flag or override."""
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"error: bad flag: {one_line(e)} (see --helpfull)", file=sys.stderr)
+    print(f"error: bad flag: {one_line(e)}{_unknown_field_hint(argv)} (see "
+          "--helpfull)", file=sys.stderr)
     sys.exit(2)
+
+
+def _unknown_field_hint(argv) -> str:
+  """For a ``--config.FIELD=`` that names no field: the nearest ones."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  known = config_lib.field_names(config_lib.base_config())
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      if field not in known and not any(k.startswith(field + ".") for k in known):
+        near = difflib.get_close_matches(field, known, n=3, cutoff=0.5)
+        return (f"; config has no field {field!r}"
+                + (f" (nearest: {', '.join(near)})" if near else "")
+                + "; the fields are listed in discrim_jax/config_lib.py base_config()")
+  return ""
 
 
 def enable_compilation_cache() -> None:

@@ -34,6 +34,7 @@ from discrim_jax import config_lib
 from discrim_jax import data as data_lib
 from discrim_jax import steps
 from discrim_jax import train
+from discrim_jax import workdir as workdir_lib
 from discrim_jax.config_lib import objective_name
 
 
@@ -63,7 +64,18 @@ def _t_quantile(dof: int) -> float:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  return workdir_lib.read_records(path)
+
+
+def finished(out: Path) -> bool:
+  """A run with a readable ``summary.json`` (a torn one is rewritten by
+  running the command again: the run restores its last checkpoint and
+  only tests)."""
+  try:
+    json.loads((out / "summary.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return True
 
 
 def train_all(config, workdir: Path, objectives, seeds: int,
@@ -75,7 +87,7 @@ def train_all(config, workdir: Path, objectives, seeds: int,
     todo = []
     for seed in range(seeds):
       out = run_dir(workdir, objective, seed)
-      if (out / "summary.json").exists():
+      if finished(out):
         logging.info("%s seed %d: done already, skipped", objective, seed)
       else:
         todo.append(seed)
@@ -101,7 +113,7 @@ def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
     runs = []
     for seed in range(seeds):
       out = run_dir(workdir, objective, seed)
-      summary = json.loads((out / "summary.json").read_text())
+      summary = workdir_lib.read_json(out / "summary.json")
       records = _read_jsonl(out / "metrics.jsonl")
       last_train = [r for r in records if r["split"] == "train"][-1]
       test = [r for r in records if r["split"] == "test"][-1]

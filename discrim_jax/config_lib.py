@@ -19,6 +19,7 @@ _app.require(__name__)
 
 import copy
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -258,11 +259,54 @@ def baselines(config) -> dict[str, dict[str, Any]]:
           for t in objective_terms(config.objective) if t in BASELINE_TERMS}
 
 
+def _leaves(d, prefix: str = ""):
+  """``(dotted path, value)`` of every leaf of a config dict."""
+  for key, value in d.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def field_names(config) -> list[str]:
+  """Every dotted field a config has (what ``--config.FIELD=`` may set)."""
+  return [path for path, _ in _leaves(config)]
+
+
+# Fields that count or weigh something: >= 0 (0 is each one's "off" or "all").
+NON_NEGATIVE = (
+    "train_subset", "train_per_class", "eval_subset", "validation_seed", "seed",
+    "loss.lambda_gini", "loss.lambda_kl", "loss.start_epoch",
+    "optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_epochs",
+    "representation.max_train_examples", "checkpoint_every_steps")
+
+
+def check_values(config) -> None:
+  """Every number finite, every count and weight >= 0; ConfigError naming
+  the field otherwise. Needs nothing but the config."""
+  for path, value in _leaves(config):
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"config.{path} is {v}; it must be a finite number "
+                          f"(--config.{path}=...)")
+  as_dict = dict(_leaves(config))
+  for path in NON_NEGATIVE:
+    if path in as_dict and as_dict[path] < 0:
+      raise ConfigError(f"config.{path} must be >= 0 (0: "
+                        f"{'off' if '.' in path else 'the default'}), got "
+                        f"{as_dict[path]} (--config.{path}=...)")
+  if not 0 < as_dict.get("schedule.decay", 1) <= 1:
+    raise ConfigError("config.schedule.decay must be in (0, 1], got "
+                      f"{as_dict['schedule.decay']}")
+
+
 def validate_config(config, num_devices: int) -> None:
   """Checks the values a run cannot work without; raises ConfigError.
 
   ``num_devices``: how many devices the run can see.
   """
+  check_values(config)
   # pylint: disable=g-import-not-at-top
   from discrim_jax import data as data_lib
   from discrim_jax import models

@@ -179,7 +179,7 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
 
 
 def _finished(path: Path, objectives, seeds: int) -> bool:
-  return all((compare.run_dir(path, o, s) / "summary.json").exists()
+  return all(compare.finished(compare.run_dir(path, o, s))
              for o in objectives for s in range(seeds))
 
 

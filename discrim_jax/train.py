@@ -152,6 +152,13 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
   that is faster depends on the model and machine: ``experiments/bench.py``
   measures it. Returns ``{seed: summary}``.
   """
+  with contextlib.ExitStack() as stack:
+    for path in workdirs.values():  # before anything in them is read
+      stack.enter_context(workdir_lib.locked(path))
+    return _train_seeds(config, workdirs, step_callback, dataset)
+
+
+def _train_seeds(config, workdirs, step_callback, dataset):
   seeds = list(workdirs)
   replicas = []
   for seed in seeds:
@@ -162,11 +169,6 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
     workdir_lib.check_config(seed_config, path)
     replicas.append(_Replica(seed_config, path))
   trainer = steps_lib.build(config, dataset=dataset)
-  for r in replicas:  # the run is built: its config is now worth recording
-    r.workdir.mkdir(parents=True, exist_ok=True)
-    workdir_lib.write_config(r.config, r.workdir)
-    workdir_lib.write_classes(getattr(trainer.dataset, "class_names", None),
-                              r.workdir)
   start = time.time()
   try:
     latest, states = [], []
@@ -186,7 +188,10 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
       if config.init_from:
         states = [_load_pretrained(trainer, state) for state in states]
     step = latest[0] or 0
-    for r in replicas:
+    for r in replicas:  # built, with its weights: the run's record starts
+      workdir_lib.write_config(r.config, r.workdir)
+      workdir_lib.write_classes(getattr(trainer.dataset, "class_names", None),
+                                r.workdir)
       r.log = workdir_lib.MetricsLog(r.workdir, step)
     images_per_s = _train_loop(_program(trainer, seeds, states), step, replicas,
                                step_callback)
@@ -259,9 +264,10 @@ def _earlier_throughput(workdir: Path) -> float | None:
   """The images/s an earlier, finished run of this workdir measured (a rerun
   trains nothing and measures nothing), or None."""
   path = workdir / "summary.json"
-  if path.exists():
+  try:
     return json.loads(path.read_text()).get("train_images_per_s")
-  return None
+  except (OSError, ValueError):  # none yet, or torn: this run rewrites it
+    return None
 
 
 class Preempted(Exception):

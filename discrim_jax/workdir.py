@@ -1,11 +1,21 @@
-"""A run's folder: its identity, metrics log, checkpoints and finiteness check.
+"""A run's folder: its lock, identity, metrics log, checkpoints and
+finiteness check.
 
-``config.json`` records the config a workdir was trained with. A rerun with
-the same workdir resumes when the fields that make a run's identity
-(``config_lib.IDENTITY_FIELDS``) agree, and is refused with the difference
-shown otherwise; other fields may change and the change is logged. The file is
-written only once the run has been built, so a config that fails to build
-leaves nothing that blocks the corrected command.
+One process at a time: :func:`locked` takes ``WORKDIR/.lock`` (created with
+``O_EXCL``, which shared filesystems honour where ``flock`` may not) before
+anything in the workdir is read or written; a second process is refused in
+one line naming the holder. A lock left by a process killed with -9 is taken
+over: at once on the same host (its PID is gone), after ``STALE_AFTER_S``
+elsewhere (the holder refreshes the file's time while it runs).
+
+``config.json`` records the config a workdir was trained with, and
+``checkpoints/identity.json`` the fields that make a run's identity
+(``config_lib.IDENTITY_FIELDS``). A rerun with the same workdir resumes when
+the identity agrees with both, and is refused with the difference shown
+otherwise; other fields may change and the change is logged. A workdir with
+checkpoints but neither file is refused. Both are written only once the run
+has been built and has its initial weights, so a command that fails before
+its first step leaves nothing that blocks the corrected command.
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ from discrim_jax import _app
 
 _app.require(__name__)
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
+import socket
+import threading
 import time
 from typing import Any
 
@@ -45,31 +59,179 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_config(config, workdir: Path) -> None:
-  """Refuses a workdir that holds a run of another identity (ConfigError);
-  logs the other fields a resume changes. Writes nothing."""
-  path = workdir / "config.json"
-  if not path.exists():
+# ------------------------------------------------------------------ the lock
+
+LOCK = ".lock"
+# A lock whose holder runs on another host counts as left behind (its holder
+# killed) when its file has not been refreshed for this long.
+STALE_AFTER_S = 300.0
+_REFRESH_S = 30.0
+_held: dict[Path, int] = {}  # this process's locks, re-entrant
+_held_guard = threading.Lock()
+
+
+class WorkdirBusy(RuntimeError):
+  """Another process holds the workdir."""
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None  # being written, or torn: judged by its age
+
+
+def _stale(path: Path, holder: dict[str, Any] | None) -> bool:
+  if holder and holder.get("host") == socket.gethostname():
+    try:
+      os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+      return True
+    except (PermissionError, ValueError, KeyError):
+      return False
+    return False
+  try:
+    return time.time() - path.stat().st_mtime > STALE_AFTER_S
+  except FileNotFoundError:
+    return True
+
+
+def _acquire(workdir: Path) -> None:
+  path = workdir / LOCK
+  record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+  for _ in range(3):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _holder(path)
+      if _stale(path, holder):
+        logging.warning("took over the lock of %s left by %s", workdir, holder)
+        with contextlib.suppress(FileNotFoundError):
+          path.unlink()
+        continue
+      who = (f"process {holder['pid']} on {holder['host']} since {holder['since']}"
+             if holder else "another process")
+      raise WorkdirBusy(
+          f"workdir {workdir} is in use by {who} (lock file {path}); wait for "
+          "that run to end or use another --workdir; if that process is gone, "
+          f"delete {path}") from None
+    with os.fdopen(fd, "w") as f:
+      f.write(record)
     return
-  saved = json.loads(path.read_text())
+  raise WorkdirBusy(f"could not take the lock {path}: other processes keep "
+                    "taking it; use another --workdir")
+
+
+@contextlib.contextmanager
+def locked(workdir):
+  """Holds ``workdir``'s lock (creating the folder) for the block; re-entrant
+  within a process. Only process 0 of a multi-process run takes it."""
+  workdir = Path(workdir).absolute()
+  if jax.process_index() != 0:
+    yield workdir
+    return
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except FileExistsError:
+    raise NotADirectoryError(
+        f"--workdir {workdir} is a file, not a folder; name a folder") from None
+  with _held_guard:
+    first = workdir not in _held
+    if first:
+      _acquire(workdir)
+    _held[workdir] = _held.get(workdir, 0) + 1
+  stop = threading.Event()
+  refresher = None
+  if first:
+    def refresh():
+      while not stop.wait(_REFRESH_S):
+        with contextlib.suppress(OSError):
+          os.utime(workdir / LOCK)
+    refresher = threading.Thread(target=refresh, daemon=True)
+    refresher.start()
+  try:
+    yield workdir
+  finally:
+    stop.set()
+    with _held_guard:
+      _held[workdir] -= 1
+      if not _held[workdir]:
+        del _held[workdir]
+        with contextlib.suppress(FileNotFoundError):
+          (workdir / LOCK).unlink()
+
+
+# -------------------------------------------------------------- the identity
+
+IDENTITY = Path("checkpoints") / "identity.json"
+
+
+def read_json(path: Path) -> Any:
+  """A workdir file's JSON; a one-line ValueError naming the file if torn."""
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(
+        f"{path} is unreadable ({e}); a crash or a full disk may have cut it: "
+        "restore it from a copy, or use a new --workdir") from None
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+  saved = workdir / "checkpoints"
+  return saved.is_dir() and any(p.is_dir() for p in saved.iterdir())
+
+
+def check_config(config, workdir: Path) -> None:
+  """Refuses a workdir that holds a run of another identity, or checkpoints
+  of no known identity (ConfigError); logs the other fields a resume
+  changes. Writes nothing."""
   current = json.loads(config.to_json_best_effort())
-  differences = _diff(config_lib.identity(saved), config_lib.identity(current))
-  if differences:
+  mine = config_lib.identity(current)
+  sources = []
+  path = workdir / "config.json"
+  if path.exists():
+    saved = read_json(path)
+    sources.append(("config.json", config_lib.identity(saved)))
+    others = _diff(saved, current)
+    if others:
+      logging.info("resuming %s with changed settings that do not change its "
+                   "results: %s", workdir, "; ".join(others))
+  if (workdir / IDENTITY).exists():
+    sources.append((str(IDENTITY), read_json(workdir / IDENTITY)))
+  if not sources and _has_checkpoints(workdir):
     raise ConfigError(
-        f"workdir {workdir} holds a run with a different config ("
-        + "; ".join(differences) + "); use a new --workdir to start a new run")
-  others = _diff(saved, current)
-  if others:
-    logging.info("resuming %s with changed settings that do not change its "
-                 "results: %s", workdir, "; ".join(others))
+        f"workdir {workdir} holds checkpoints but neither config.json nor "
+        f"{IDENTITY}, so which config they belong to is unknown; restore those "
+        "files, or use a new --workdir")
+  for name, saved in sources:
+    differences = _diff(saved, mine)
+    if differences:
+      raise ConfigError(
+          f"workdir {workdir} holds a run with a different config ({name}: "
+          + "; ".join(differences) + "); use a new --workdir to start a new run")
+
+
+def _write_new(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def write_config(config, workdir: Path) -> None:
-  """Writes ``config.json`` (process 0) unless the workdir has one."""
+  """Writes ``config.json`` and the identity beside the checkpoints
+  (process 0), each unless the workdir has it."""
+  if jax.process_index() != 0:
+    return
+  current = json.loads(config.to_json_best_effort())
   path = workdir / "config.json"
-  if jax.process_index() == 0 and not path.exists():
-    current = json.loads(config.to_json_best_effort())
-    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+  if not path.exists():
+    _write_new(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+  path = workdir / IDENTITY
+  if not path.exists():
+    path.parent.mkdir(exist_ok=True)
+    _write_new(path, json.dumps(config_lib.identity(current), indent=2,
+                                sort_keys=True) + "\n")
 
 
 def write_classes(names, workdir: Path) -> None:
@@ -78,6 +240,24 @@ def write_classes(names, workdir: Path) -> None:
   path = workdir / "classes.json"
   if names and jax.process_index() == 0 and not path.exists():
     path.write_text(json.dumps(list(names), indent=1) + "\n")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl``. A torn last line (what a crash or a
+  full disk leaves in an append-only file) is dropped with a warning; an
+  unreadable line before it is a one-line ValueError naming the file."""
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError as e:
+      if i == len(lines) - 1:
+        logging.warning("dropped the torn last line of %s: %r", path, line[:80])
+        break
+      raise ValueError(f"{path} line {i + 1} is unreadable ({e}); move the file "
+                       "aside or use a new --workdir") from None
+  return records
 
 
 class MetricsLog:
@@ -90,10 +270,9 @@ class MetricsLog:
       # Records after the restored checkpoint belong to the lost tail of an
       # interrupted run, and the test record to the end of a finished one:
       # this run writes them again.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line and json.loads(line)["step"] <= restored_step
-              and json.loads(line)["split"] != "test"]
-      self.path.write_text("".join(k + "\n" for k in kept))
+      kept = [json.dumps(r) for r in read_records(self.path)
+              if r["step"] <= restored_step and r["split"] != "test"]
+      _write_new(self.path, "".join(k + "\n" for k in kept))
     # CLU's writers import TensorFlow, so CLU is imported where a run starts:
     # build() and the compiled steps need JAX alone (see experiments/bench.py).
     from clu import metric_writers  # pylint: disable=g-import-not-at-top

@@ -37,10 +37,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from discrim_jax import compare  # pylint: disable=g-import-not-at-top
-  cli.route_logs(_WORKDIR.value)
-  results = run_with_one_line_errors(lambda: compare.run_comparison(
-      _CONFIG.value, _WORKDIR.value, objectives=_OBJECTIVES.value,
-      seeds=_SEEDS.value, vmap_seeds=_VMAP_SEEDS.value))
+
+  def run():
+    with cli.in_workdir(_WORKDIR.value):
+      return compare.run_comparison(
+          _CONFIG.value, _WORKDIR.value, objectives=_OBJECTIVES.value,
+          seeds=_SEEDS.value, vmap_seeds=_VMAP_SEEDS.value)
+
+  results = run_with_one_line_errors(run)
   print(compare.markdown_table(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 

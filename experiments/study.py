@@ -48,11 +48,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from discrim_jax import study  # pylint: disable=g-import-not-at-top
-  cli.route_logs(_WORKDIR.value)
-  results = run_with_one_line_errors(lambda: study.run_study(
-      _STUDY.value, _CONFIG.value, _WORKDIR.value, seeds=_SEEDS.value,
-      regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value,
-      vmap_seeds=_VMAP_SEEDS.value, steps=_STEPS.value))
+
+  def run():
+    with cli.in_workdir(_WORKDIR.value):
+      return study.run_study(
+          _STUDY.value, _CONFIG.value, _WORKDIR.value, seeds=_SEEDS.value,
+          regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value,
+          vmap_seeds=_VMAP_SEEDS.value, steps=_STEPS.value)
+
+  results = run_with_one_line_errors(run)
   print(study.markdown(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 

@@ -34,12 +34,11 @@ def main(argv):
   # Imported here so that --help stays fast and TF/JAX start after flag parsing.
   from discrim_jax import train  # pylint: disable=g-import-not-at-top
 
-  cli.route_logs(_WORKDIR.value)
-
   def run():
-    config = _CONFIG.value  # a config file that fails to load raises here
     cli.maybe_initialize_distributed(_DISTRIBUTED.value)
-    return train.train_and_evaluate(config, _WORKDIR.value)
+    with cli.in_workdir(_WORKDIR.value):
+      config = _CONFIG.value  # a config file that fails to load raises here
+      return train.train_and_evaluate(config, _WORKDIR.value)
 
   summary = run_with_one_line_errors(run)
   print(f"test accuracy {summary['test_accuracy']:.4f} (best validation "
