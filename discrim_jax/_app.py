@@ -27,10 +27,17 @@ def _missing() -> list[str]:
   return out
 
 
+# What every app module imports at once; TensorFlow, TFDS, CLU and grain are
+# imported where they are used, so that the jitted steps run on an
+# accelerator image without TensorFlow (experiments/bench.py --noinput).
+_AT_IMPORT = ("ml-collections",)
+
+
 def require(module: str) -> None:
-  """Raises ImportError (one line) when the app's packages are missing."""
+  """Raises ImportError (one line, naming every missing package of the app)
+  when a package the app imports at once is missing."""
   missing = _missing()
-  if missing:
+  if any(dist in missing for dist in _AT_IMPORT):
     raise ImportError(
         f"{module} is part of the discrim_jax training app, which needs "
         f"{', '.join(missing)}: pip install 'discrim_jax[app]' (the library "

@@ -32,14 +32,16 @@ B = 1 and bf16 inputs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from flax import linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-__all__ = ["center_loss", "orthogonal_projection_loss",
+__all__ = ["center_loss", "center_sgd", "orthogonal_projection_loss",
            "supervised_contrastive_loss", "ProjectionHead", "pool", "normalize"]
 
 _EPS = 1e-6  # the reference OPL code's denominator guard
@@ -161,6 +163,37 @@ def center_loss(features: jax.Array, labels: jax.Array,
   value = 0.5 * jnp.mean(jnp.sum(jnp.square(f - c), axis=-1))
   valid = jnp.all((labels >= 0) & (labels < num_classes))
   return jnp.where(valid, value, jnp.nan)
+
+
+def center_sgd(tx: optax.GradientTransformation, *, weight: float,
+               lr: float = 0.5,
+               is_centers: Callable[[tuple[str, ...]], bool] = (
+                   lambda path: path[-1] == "centers")
+               ) -> optax.GradientTransformation:
+  """``tx`` for the model's parameters and, for the class centres, plain SGD
+  at ``lr`` on the gradient of the *unweighted* center loss, as the
+  reference trains them (it divides the centres' gradient by the loss
+  ``weight``): no weight decay, no momentum, whatever ``tx`` does.
+
+  Args:
+    tx: the model's optimiser.
+    weight: the center loss's weight in the total loss.
+    lr: the centres' learning rate (0.5 in the reference).
+    is_centers: which parameters are the centres, given their path in the
+      parameter tree (default: a leaf named ``centers``).
+
+  Returns:
+    An ``optax.multi_transform`` over the parameter tree.
+  """
+  if weight <= 0 or lr <= 0:
+    raise ValueError(f"weight and lr must be > 0, got weight={weight}, lr={lr}")
+  centers_tx = optax.chain(optax.scale(1.0 / weight), optax.sgd(lr))
+
+  def labels(params):
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {path: "centers" if is_centers(path) else "main" for path in flat})
+  return optax.multi_transform({"main": tx, "centers": centers_tx}, labels)
 
 
 def orthogonal_projection_loss(features: jax.Array, labels: jax.Array, *,

@@ -32,18 +32,44 @@ _VERBOSE = flags.DEFINE_bool(
     "progress bars) on the console too; it always goes to WORKDIR/log.txt.")
 
 
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False,
+    "Check the flags and the config (values, objectives, cells, device count) "
+    "and exit, without reading data or touching the workdir.")
+
+
+def dry_run(what: str, configs=()) -> bool:
+  """With ``--dry_run``: validates ``configs`` and prints one line; True when
+  the entry point should stop there."""
+  if not _DRY_RUN.value:
+    return False
+  quiet_console()
+  import jax  # pylint: disable=g-import-not-at-top
+  from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for config in configs:
+    config_lib.validate_config(config, jax.device_count())
+  print(f"dry run: {what}: {len(configs)} config(s) valid")
+  return True
+
+
 def route_logs(workdir: str) -> Path:
   """Sends the full log to ``workdir/log.txt``; the console keeps warnings,
   errors, the progress line and the results unless ``--verbose``."""
+  quiet_console()
   path = Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   handler = std_logging.FileHandler(path / "log.txt")
   handler.setFormatter(logging.PythonFormatter())
   std_logging.getLogger().addHandler(handler)
+  return path / "log.txt"
+
+
+def quiet_console() -> None:
+  """Keeps INFO records off the console unless ``--verbose`` (they go to
+  the log file once :func:`route_logs` names it)."""
   if not _VERBOSE.value:
     logging.get_absl_handler().setLevel(std_logging.WARNING)
     os.environ["DISCRIM_JAX_QUIET_TFDS"] = "1"
-  return path / "log.txt"
 
 
 @contextlib.contextmanager
@@ -74,7 +100,8 @@ def _unknown_field_hint(argv) -> str:
   for arg in argv[1:]:
     if arg.startswith("--config."):
       field = arg[len("--config."):].split("=", 1)[0]
-      if field not in known and not any(k.startswith(field + ".") for k in known):
+      if (field not in known and not field.startswith("model_kwargs.")
+          and not any(k.startswith(field + ".") for k in known)):
         near = difflib.get_close_matches(field, known, n=3, cutoff=0.5)
         return (f"; config has no field {field!r}"
                 + (f" (nearest: {', '.join(near)})" if near else "")
@@ -152,6 +179,7 @@ def run_with_one_line_errors(fn):
   user can act on (bad config values, missing data, NaN, unreadable
   checkpoints); a run stopped by SIGTERM/SIGINT after saving its checkpoint
   prints one ``preempted: ...`` line and exits with status 75."""
+  quiet_console()
   quiet_library_logs()
   _quiet_closed_event_loops()
   enable_compilation_cache()

@@ -296,9 +296,6 @@ def check_values(config) -> None:
       raise ConfigError(f"config.{path} must be >= 0 (0: "
                         f"{'off' if '.' in path else 'the default'}), got "
                         f"{as_dict[path]} (--config.{path}=...)")
-  if not 0 < as_dict.get("schedule.decay", 1) <= 1:
-    raise ConfigError("config.schedule.decay must be in (0, 1], got "
-                      f"{as_dict['schedule.decay']}")
 
 
 def validate_config(config, num_devices: int) -> None:

@@ -119,15 +119,9 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
   center = config_lib.baselines(config).get("center")
   if center is None:
     return tx
-  centers_tx = optax.chain(optax.scale(1.0 / center["weight"]),
-                           optax.sgd(center["lr"]))
-
-  def labels(params):
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {path: "centers" if path[:2] == (AUX, "centers") else "main"
-         for path in flat})
-  return optax.multi_transform({"main": tx, "centers": centers_tx}, labels)
+  return baseline_losses.center_sgd(
+      tx, weight=center["weight"], lr=center["lr"],
+      is_centers=lambda path: path[:2] == (AUX, "centers"))
 
 
 def baseline_terms(features, labels, aux_params, baselines: dict[str, Any]

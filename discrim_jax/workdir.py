@@ -9,7 +9,7 @@ over: at once on the same host (its PID is gone), after ``STALE_AFTER_S``
 elsewhere (the holder refreshes the file's time while it runs).
 
 ``config.json`` records the config a workdir was trained with, and
-``checkpoints/identity.json`` the fields that make a run's identity
+``identity.json`` the fields that make a run's identity
 (``config_lib.IDENTITY_FIELDS``). A rerun with the same workdir resumes when
 the identity agrees with both, and is refused with the difference shown
 otherwise; other fields may change and the change is logged. A workdir with
@@ -164,7 +164,7 @@ def locked(workdir):
 
 # -------------------------------------------------------------- the identity
 
-IDENTITY = Path("checkpoints") / "identity.json"
+IDENTITY = Path("identity.json")
 
 
 def read_json(path: Path) -> Any:
@@ -208,8 +208,9 @@ def check_config(config, workdir: Path) -> None:
     differences = _diff(saved, mine)
     if differences:
       raise ConfigError(
-          f"workdir {workdir} holds a run with a different config ({name}: "
-          + "; ".join(differences) + "); use a new --workdir to start a new run")
+          f"workdir {workdir} holds a run with a different config ("
+          + "; ".join(differences) + f") recorded in {name}; use a new "
+          "--workdir to start a new run")
 
 
 def _write_new(path: Path, text: str) -> None:
@@ -229,7 +230,6 @@ def write_config(config, workdir: Path) -> None:
     _write_new(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
   path = workdir / IDENTITY
   if not path.exists():
-    path.parent.mkdir(exist_ok=True)
     _write_new(path, json.dumps(config_lib.identity(current), indent=2,
                                 sort_keys=True) + "\n")
 

@@ -37,6 +37,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from discrim_jax import compare  # pylint: disable=g-import-not-at-top
+  from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if run_with_one_line_errors(lambda: cli.dry_run(
+      f"compare {_OBJECTIVES.value} over {_SEEDS.value} seeds",
+      [config_lib.with_fields(_CONFIG.value, objective=o)
+       for o in _OBJECTIVES.value])):
+    return
 
   def run():
     with cli.in_workdir(_WORKDIR.value):

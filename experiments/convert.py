@@ -13,6 +13,7 @@ import os
 from absl import app
 from absl import flags
 
+from discrim_jax import cli
 from discrim_jax.cli import parse_flags, run_with_one_line_errors
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,6 +47,9 @@ def convert():
 
 def main(argv):
   del argv
+  if run_with_one_line_errors(
+      lambda: cli.dry_run(f"convert {_CHECKPOINT.value} into {_OUT.value}")):
+    return
   print(f"wrote {run_with_one_line_errors(convert)}")
 
 

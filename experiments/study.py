@@ -48,6 +48,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from discrim_jax import study  # pylint: disable=g-import-not-at-top
+  if run_with_one_line_errors(lambda: cli.dry_run(
+      f"study {_STUDY.value}", [c.config for c in study.cells(
+          _STUDY.value, _CONFIG.value, 10, regime=_REGIME.value,
+          steps=_STEPS.value)])):
+    return
 
   def run():
     with cli.in_workdir(_WORKDIR.value):

@@ -34,6 +34,10 @@ def main(argv):
   # Imported here so that --help stays fast and TF/JAX start after flag parsing.
   from discrim_jax import train  # pylint: disable=g-import-not-at-top
 
+  if run_with_one_line_errors(
+      lambda: cli.dry_run(f"train into {_WORKDIR.value}", [_CONFIG.value])):
+    return
+
   def run():
     cli.maybe_initialize_distributed(_DISTRIBUTED.value)
     with cli.in_workdir(_WORKDIR.value):

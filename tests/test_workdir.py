@@ -71,12 +71,12 @@ def test_lock_is_reentrant_and_a_file_workdir_is_one_line(tmp_path):
 
 def test_identity_survives_a_deleted_config_json(fashion, tmp_path, smoke_config):
   train.train_and_evaluate(smoke_config(num_epochs=1), str(tmp_path), dataset=fashion)
-  assert (tmp_path / "checkpoints" / "identity.json").exists()
+  assert (tmp_path / "identity.json").exists()
   (tmp_path / "config.json").unlink()
-  with pytest.raises(ConfigError, match=r"identity.json: batch_size: 64 -> 32"):
+  with pytest.raises(ConfigError, match=r"\(batch_size: 64 -> 32\) recorded in identity.json"):
     train.train_and_evaluate(smoke_config(num_epochs=1, batch_size=32),
                              str(tmp_path), dataset=fashion)
-  (tmp_path / "checkpoints" / "identity.json").unlink()
+  (tmp_path / "identity.json").unlink()
   with pytest.raises(ConfigError, match="holds checkpoints but neither config.json"):
     train.train_and_evaluate(smoke_config(num_epochs=1), str(tmp_path),
                              dataset=fashion)
