@@ -192,7 +192,6 @@ def _bad_folders(tmp_path):
   (no_classes / "train").mkdir(parents=True)
   empty_class = _folder(tmp_path / "empty_class")
   (empty_class / "train" / "ghost").mkdir()
-  (empty_class / "train" / "ghost" / "notes.txt").write_text("not an image")
   test_only = _folder(tmp_path / "test_only")
   _image(test_only / "test" / "yeti" / "0.png", (8, 8))
   unreadable = _folder(tmp_path / "unreadable")
@@ -202,7 +201,7 @@ def _bad_folders(tmp_path):
       "missing": (missing, r"no such folder"),
       "no_train": (no_train, r"has no train/ folder"),
       "no_classes": (no_classes, r"train/ holds no class folders"),
-      "empty_class": (empty_class, r"class 'ghost' has no images"),
+      "empty_class": (empty_class, r"class 'ghost' has no files"),
       "test_only": (test_only, r"class folder\(s\) \['yeti'\] in test/ but not in train/"),
       "unreadable": (unreadable, r"7 of 43 train files cannot be read as images: "
                                  r"train/moth/broken0.jpg, .* and 2 more.*fix or remove"),

@@ -2,19 +2,27 @@
 
 Layout (as TFDS's ``ImageFolder`` and torchvision's ``ImageFolder``)::
 
-  root/train/<class>/*.{jpg,jpeg,png,bmp,gif,webp}
+  root/train/<class>/**/<image files>
   root/validation/<class>/...   (optional; else held out of train)
   root/test/<class>/...         (optional; else validation is the test split)
 
+With ``train/`` alone, a fixed 10% of each class (seed 0) is the test split
+and the app holds validation out of the rest.
+
 Class names are the sorted folder names under ``train/``; the label of a class
 is its index in that list (the training app writes it to the workdir as
-``classes.json``). Images are decoded with Pillow and resized so that their
-shorter side is ``image_size``, then centre-cropped to a square; the first
-training image's mode decides grey (1 channel) or colour (3).
+``classes.json``). Every file under a class folder counts, in sub-folders
+too (names starting with ``.`` excepted, as ``.DS_Store``), whatever its
+extension: each must be an image Pillow reads. Images are decoded to their
+true intensities (1-bit, 8-bit, 16-bit grey, palette, grey or colour with
+alpha, CMYK: see :func:`decode`), resized so that their shorter side is
+``image_size``, then centre-cropped to a square; the first training image
+decides grey (1 channel) or colour (3).
 
 Everything that would make a run train on less than the folder holds is an
-error that names the path: no ``train/``, no class folders, a class without
-images, a class in ``validation/``/``test/`` that ``train/`` lacks, files that
+error that names the path: no ``train/``, no class folders, a file where a
+class folder should be, a class without images, a class in
+``validation/``/``test/`` that ``train/`` lacks, a link to nothing, files that
 cannot be read as images (how many, and which).
 """
 
@@ -27,18 +35,72 @@ from pathlib import Path
 import numpy as np
 
 PREFIX = "folder:"
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_DIRS = ("train", "validation", "test")
+# With train/ alone: the share of each class held out as the test split.
+TEST_FRACTION = 0.1
 
 
 class FolderError(ValueError):
   """A folder that cannot be used as it is; the message names the path."""
 
 
-def _images_in(folder: Path) -> list[Path]:
-  return sorted(p for p in folder.iterdir()
-                if p.is_file() and not p.name.startswith(".")
-                and p.suffix.lower() in EXTENSIONS)
+def _visible(entries):
+  return sorted(p for p in entries if not p.name.startswith("."))
+
+
+def _images_in(folder: Path, root: Path) -> list[Path]:
+  """Every file under ``folder``, sub-folders included; a link to nothing is
+  a FolderError."""
+  out = []
+  for path in _visible(folder.rglob("*")):
+    if any(part.startswith(".") for part in path.relative_to(folder).parts):
+      continue
+    if path.is_symlink() and not path.exists():
+      raise FolderError(f"{PREFIX}{root}: {path.relative_to(root)} is a link to "
+                        "nothing; fix or remove it")
+    if path.is_file():
+      out.append(path)
+  return out
+
+
+def _class_folders(folder: Path, root: Path) -> list[str]:
+  entries = _visible(folder.iterdir())
+  files = [p for p in entries if not p.is_dir()]
+  if files:
+    raise FolderError(
+        f"{PREFIX}{root}: {files[0].relative_to(root)} is not a folder; "
+        f"{folder.name}/ must hold only class folders ({folder}/<class>/...)")
+  return [p.name for p in entries]
+
+
+_GREY = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "La")
+
+
+def decode(image, channels: int) -> np.ndarray:
+  """A Pillow image as uint8 ``(H, W, channels)`` holding its intensities:
+  1-bit as 0/255, 16-bit grey scaled by 255/65535 (rounded), palettes
+  through their colours, alpha dropped, CMYK and other colour modes through
+  Pillow's RGB conversion; colour to grey by ITU-R 601-2 luma (Pillow's
+  ``L``). Float images, whose range is unknown, are refused (ValueError)."""
+  mode = image.mode
+  if mode == "F":
+    raise ValueError("32-bit float image: its intensity range is unknown; save "
+                     "it as 8- or 16-bit")
+  if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise ValueError(f"{mode} image with values in [{values.min()}, "
+                       f"{values.max()}], beyond 16 bits")
+    grey = np.round(values * (255 / 65535)).astype(np.uint8)
+    return grey[..., None] if channels == 1 else np.repeat(grey[..., None], 3, -1)
+  if mode == "1":
+    image = image.convert("L")  # 0/255
+  if channels == 1:
+    return np.asarray(image.convert("L"))[..., None]
+  if mode in _GREY or mode == "L":
+    grey = np.asarray(image.convert("L"))
+    return np.repeat(grey[..., None], 3, -1)
+  return np.asarray(image.convert("RGB"))
 
 
 class ImageFolder:
@@ -61,8 +123,7 @@ class ImageFolder:
     if not train.is_dir():
       raise FolderError(f"{where} has no train/ folder; expected "
                         f"{self.root}/train/<class>/<image files>")
-    self.class_names = sorted(d.name for d in train.iterdir()
-                              if d.is_dir() and not d.name.startswith("."))
+    self.class_names = _class_folders(train, self.root)
     if not self.class_names:
       raise FolderError(f"{where}: train/ holds no class folders; expected "
                         f"{train}/<class>/<image files>")
@@ -71,8 +132,7 @@ class ImageFolder:
       folder = self.root / split
       if not folder.is_dir():
         continue
-      classes = sorted(d.name for d in folder.iterdir()
-                       if d.is_dir() and not d.name.startswith("."))
+      classes = _class_folders(folder, self.root)
       unknown = sorted(set(classes) - set(self.class_names))
       if unknown:
         raise FolderError(
@@ -80,26 +140,40 @@ class ImageFolder:
             "every class must have training images")
       paths, labels = [], []
       for label, name in enumerate(self.class_names):
-        found = _images_in(folder / name) if (folder / name).is_dir() else []
+        found = (_images_in(folder / name, self.root)
+                 if (folder / name).is_dir() else [])
         if split == "train" and not found:
-          raise FolderError(
-              f"{where}: class {name!r} has no images in {folder / name} "
-              f"(looked for {', '.join(EXTENSIONS)})")
+          raise FolderError(f"{where}: class {name!r} has no files in "
+                            f"{folder / name}")
         paths += found
         labels += [label] * len(found)
       if not paths:
-        raise FolderError(f"{where}: {split}/ holds no images "
-                          f"({', '.join(EXTENSIONS)})")
+        raise FolderError(f"{where}: {split}/ holds no files")
       self.files[split] = (paths, np.asarray(labels, np.int32))
+    if set(self.files) == {"train"}:
+      self._hold_out_test()
     from PIL import Image  # pylint: disable=g-import-not-at-top
     first = self.files["train"][0][0]
     try:
       with Image.open(first) as im:
-        self.channels = 1 if im.mode in ("1", "L", "I", "I;16", "F") else 3
+        self.channels = 1 if im.mode in _GREY + ("F",) else 3
         self.image_size = image_size or min(im.size)
-    except OSError as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
       raise FolderError(f"{where}: cannot read {first} as an image ({e}); fix "
                         "or remove it") from None
+
+  def _hold_out_test(self) -> None:
+    """train/ alone: a fixed TEST_FRACTION of each class (at least one
+    image, none of a class of one) becomes the test split."""
+    paths, labels = self.files["train"]
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(paths), bool)
+    for c in range(len(self.class_names)):
+      members = np.flatnonzero(labels == c)
+      k = max(1, round(TEST_FRACTION * len(members))) if len(members) > 1 else 0
+      test[rng.choice(members, k, replace=False)] = True
+    pick = lambda mask: ([p for p, m in zip(paths, mask) if m], labels[mask])
+    self.files = {"train": pick(~test), "test": pick(test)}
 
   @property
   def num_classes(self) -> int:
@@ -133,8 +207,7 @@ class ImageFolder:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     try:
       with Image.open(path) as im:
-        im = im.convert("L" if self.channels == 1 else "RGB")
-        array = resize_and_crop(np.asarray(im), self.image_size)
+        array = resize_and_crop(decode(im, self.channels), self.image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       return f"{type(e).__name__}: {e}"
     return array.reshape(self.image_shape)
