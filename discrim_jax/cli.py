@@ -56,6 +56,9 @@ def route_logs(workdir: str) -> Path:
   """Sends the full log to ``workdir/log.txt``; the console keeps warnings,
   errors, the progress line and the results unless ``--verbose``."""
   quiet_console()
+  # A log record that cannot be written (a full disk) must not print a
+  # traceback per record: the error that stops the run says it once.
+  std_logging.raiseExceptions = False
   path = Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   handler = std_logging.FileHandler(path / "log.txt")
@@ -122,12 +125,21 @@ def enable_compilation_cache() -> None:
 
 
 def quiet_library_logs() -> None:
-  """Drops orbax's and TFDS's INFO chatter (lines per save/read) from the console."""
+  """Drops orbax's and TFDS's INFO chatter (lines per save/read) from the
+  console, and orbax's errors from its background threads, which come with
+  tracebacks: the error that stops the run says it in one line, and the log
+  file keeps them whole."""
   noisy = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets"))
+  orbax = f"{os.sep}orbax{os.sep}"
 
   class _Filter:
 
     def filter(self, record) -> bool:
+      if _VERBOSE.value:
+        return True
+      if record.exc_info and (orbax in record.pathname
+                              or record.name == "asyncio"):
+        return False  # orbax's futures, and asyncio's "never retrieved" notes
       return (record.levelno >= std_logging.WARNING
               or not any(n in record.pathname for n in noisy))
 
@@ -192,5 +204,10 @@ def run_with_one_line_errors(fn):
     sys.exit(train.Preempted.exit_code)
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.flush()
-    print(f"error: {one_line(e)}", file=sys.stderr)
+    message = one_line(e)
+    if "No space left on device" in message:
+      message = (message[:300] + " ... No space left on device: free space on "
+                 "the workdir's disk and rerun the same command (what was saved "
+                 "is kept)")
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(1)

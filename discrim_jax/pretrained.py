@@ -24,6 +24,7 @@ _app.require(__name__)
 
 from collections.abc import Iterator, Mapping
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,32 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no checkpoint file at {path}")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(str(path)))
+    try:
+      return dict(load_file(str(path)))
+    except Exception as e:  # safetensors raises its own types for bad files
+      raise ValueError(f"{path} is not a readable safetensors file "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                       ) from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError(f"reading {path} needs PyTorch: pip install "
                       "'discrim_jax[pretrained]'") from None
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
+  try:
+    # weights_only: the file's pickle may build tensors and plain
+    # containers, never run code. What it refuses is not a weights file
+    # we read, whatever PyTorch's own message suggests.
+    with warnings.catch_warnings():  # pickle-protocol notes, not for users
+      warnings.simplefilter("ignore")
+      state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError, ...
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    if "weights_only" in first or "Weights only load failed" in str(e):
+      first = "not a plain state dict of tensors"
+    raise ValueError(
+        f"{path} is not a PyTorch weights file this reads ({type(e).__name__}: "
+        f"{first}); pass a state dict saved with torch.save(model.state_dict())"
+        " or a .safetensors file") from None
   if isinstance(state, dict) and "state_dict" in state:
     state = state["state_dict"]
   if not isinstance(state, Mapping):

@@ -28,7 +28,9 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -160,85 +162,113 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
 
 def _train_seeds(config, workdirs, step_callback, dataset):
   seeds = list(workdirs)
-  replicas = []
-  for seed in seeds:
-    seed_config = copy.deepcopy(config)
-    with seed_config.unlocked():
-      seed_config.seed = seed
-    path = Path(workdirs[seed])
-    workdir_lib.check_config(seed_config, path)
-    replicas.append(_Replica(seed_config, path))
-  trainer = steps_lib.build(config, dataset=dataset)
-  start = time.time()
-  try:
-    latest, states = [], []
+  with _StopRequests() as requests:  # from start-up to the last write
+    replicas = [_Replica(_seed_config(config, seed), Path(workdirs[seed]))
+                for seed in seeds]
     for r in replicas:
-      r.manager, step, state = workdir_lib.restore_latest(
-          config, r.workdir, trainer.abstract_state)
-      latest.append(step)
-      states.append(state)
-    if len(set(latest)) > 1:
-      raise RuntimeError(
-          f"the seeds' workdirs hold checkpoints of different steps {latest}; "
-          "train them one at a time (without --vmap_seeds) to resume")
-    if latest[0] is not None:
-      logging.info("Resumed from the checkpoints of step %d", latest[0])
-    else:
-      states = [trainer.init_state(seed) for seed in seeds]
-      if config.init_from:
-        states = [_load_pretrained(trainer, state) for state in states]
-    step = latest[0] or 0
-    for r in replicas:  # built, with its weights: the run's record starts
-      workdir_lib.write_config(r.config, r.workdir)
-      workdir_lib.write_classes(getattr(trainer.dataset, "class_names", None),
-                                r.workdir)
-      r.log = workdir_lib.MetricsLog(r.workdir, step)
-    images_per_s = _train_loop(_program(trainer, seeds, states), step, replicas,
-                               step_callback)
-    best_states, best_steps = [], []
-    for r in replicas:
-      r.manager.wait_until_finished()  # the last save is asynchronous
-      best_steps.append(r.manager.best_step())
-      best_states.append(workdir_lib.restore(r.manager, best_steps[-1],
-                                             trainer.abstract_state, r.workdir))
-    if config.representation.enabled:
-      tests = [_test_with_representation(trainer, s) for s in best_states]
-    else:
-      tests = _program(trainer, seeds, best_states).evaluate(
-          "test", with_features=True)
-    summaries = {}
-    for seed, r, best_step, (test, matrices) in zip(seeds, replicas, best_steps,
-                                                     tests):
-      r.log.write(best_step, "test", test)
-      r.log.close()
-      throughput = (images_per_s / len(seeds) if images_per_s is not None
-                    else _earlier_throughput(r.workdir))
-      summary = {
-          "test_accuracy": test["accuracy"], "test_ce": test["ce"],
-          # Representation metrics, test-set Gini and what they cost.
-          **{k: v for k, v in test.items() if k.split("/")[0] in (
-              "knn", "probe", "nc1", "gini", "representation_time_s")},
-          "best_validation_step": best_step,
-          "best_validation_accuracy": float(
-              r.manager.metrics(best_step)["accuracy"]),
-          "wall_time_s": time.time() - start,
-          "train_images_per_s": throughput,
-          "total_steps": trainer.total_steps, "dataset": config.dataset,
-          "model": config.model, "objective": config.objective, "seed": seed,
-          "num_devices": trainer.mesh.size, "trained_with_seeds": seeds}
-      if jax.process_index() == 0:
-        np.savez_compressed(r.workdir / "feature_class_matrix.npz", **matrices)
-        (r.workdir / "summary.json").write_text(json.dumps(
-            summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
-      summaries[seed] = summary
-    return summaries
-  finally:
-    for r in replicas:
-      if r.log is not None:
-        r.log.close()  # flushes the writers; a no-op when closed already
-      if r.manager is not None:
-        r.manager.wait_until_finished()
-        r.manager.close()
+      workdir_lib.check_config(r.config, r.workdir)
+    trainer = steps_lib.build(config, dataset=dataset)
+    start = time.time()
+    try:
+      step, states = _restore_or_init(trainer, replicas)
+      requests.raise_if_stopped("before training started")
+      for r in replicas:  # built, with its weights: the run's record starts
+        workdir_lib.write_config(r.config, r.workdir)
+        workdir_lib.write_classes(getattr(trainer.dataset, "class_names", None),
+                                  r.workdir)
+        r.log = workdir_lib.MetricsLog(r.workdir, step)
+      images_per_s = _train_loop(_program(trainer, seeds, states), step,
+                                 replicas, step_callback, requests)
+      for r in replicas:
+        r.manager.wait_until_finished()  # the last save is asynchronous
+        workdir_lib.save_throughput(
+            r.workdir, None if images_per_s is None else images_per_s / len(seeds))
+      requests.raise_if_stopped("after the last step, before the test")
+      best_steps, tests = _test_best(trainer, replicas)
+      requests.raise_if_stopped("during the test, before its records")
+      return {r.config.seed: _write_summary(trainer, r, best_step, test, start,
+                                            seeds)
+              for r, best_step, test in zip(replicas, best_steps, tests)}
+    finally:
+      for r in replicas:
+        if r.log is not None:
+          r.log.close()  # flushes the writers; a no-op when closed already
+        if r.manager is not None:
+          r.manager.wait_until_finished()
+          r.manager.close()
+
+
+def _seed_config(config, seed: int):
+  seed_config = copy.deepcopy(config)
+  with seed_config.unlocked():
+    seed_config.seed = seed
+  return seed_config
+
+
+def _restore_or_init(trainer: steps_lib.Trainer, replicas: list[_Replica]):
+  """``(step, states)``: the replicas' latest checkpoints, or fresh states
+  (from ``init_from`` where the config names one)."""
+  config = trainer.config
+  latest, states = [], []
+  for r in replicas:
+    r.manager, step, state = workdir_lib.restore_latest(
+        config, r.workdir, trainer.abstract_state)
+    latest.append(step)
+    states.append(state)
+  if len(set(latest)) > 1:
+    raise RuntimeError(
+        f"the seeds' workdirs hold checkpoints of different steps {latest}; "
+        "train them one at a time (without --vmap_seeds) to resume")
+  if latest[0] is not None:
+    logging.info("Resumed from the checkpoints of step %d", latest[0])
+    return latest[0], states
+  states = [trainer.init_state(r.config.seed) for r in replicas]
+  if config.init_from:
+    states = [_load_pretrained(trainer, state) for state in states]
+  return 0, states
+
+
+def _test_best(trainer: steps_lib.Trainer, replicas: list[_Replica]):
+  """``(best steps, [(test metrics, feature-class matrices)])`` of each
+  replica's best-validation checkpoint."""
+  best_steps, best_states = [], []
+  for r in replicas:
+    best_steps.append(r.manager.best_step())
+    best_states.append(workdir_lib.restore(r.manager, best_steps[-1],
+                                           trainer.abstract_state, r.workdir))
+  if trainer.config.representation.enabled:
+    return best_steps, [_test_with_representation(trainer, s) for s in best_states]
+  seeds = [r.config.seed for r in replicas]
+  return best_steps, _program(trainer, seeds, best_states).evaluate(
+      "test", with_features=True)
+
+
+def _write_summary(trainer: steps_lib.Trainer, r: _Replica, best_step: int,
+                   test_and_matrices, start: float, seeds: list[int]
+                   ) -> dict[str, Any]:
+  """The test record, ``summary.json`` and the feature-class matrices."""
+  test, matrices = test_and_matrices
+  config = trainer.config
+  r.log.write(best_step, "test", test)
+  r.log.close()
+  summary = {
+      "test_accuracy": test["accuracy"], "test_ce": test["ce"],
+      # Representation metrics, test-set Gini and what they cost.
+      **{k: v for k, v in test.items() if k.split("/")[0] in (
+          "knn", "probe", "nc1", "gini", "representation_time_s")},
+      "best_validation_step": best_step,
+      "best_validation_accuracy": float(r.manager.metrics(best_step)["accuracy"]),
+      "wall_time_s": time.time() - start,
+      "train_images_per_s": workdir_lib.load_throughput(r.workdir),
+      "total_steps": trainer.total_steps, "dataset": config.dataset,
+      "model": config.model, "objective": config.objective,
+      "seed": r.config.seed, "num_devices": trainer.mesh.size,
+      "trained_with_seeds": seeds}
+  if jax.process_index() == 0:
+    np.savez_compressed(r.workdir / "feature_class_matrix.npz", **matrices)
+    (r.workdir / "summary.json").write_text(json.dumps(
+        summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+  return summary
 
 
 def _test_with_representation(trainer: steps_lib.Trainer, state):
@@ -258,16 +288,6 @@ def _test_with_representation(trainer: steps_lib.Trainer, state):
   test["representation_time_s"] = time.time() - start - test_time
   logging.info("test split and representation metrics: %s", test)
   return test, matrices
-
-
-def _earlier_throughput(workdir: Path) -> float | None:
-  """The images/s an earlier, finished run of this workdir measured (a rerun
-  trains nothing and measures nothing), or None."""
-  path = workdir / "summary.json"
-  try:
-    return json.loads(path.read_text()).get("train_images_per_s")
-  except (OSError, ValueError):  # none yet, or torn: this run rewrites it
-    return None
 
 
 class Preempted(Exception):
@@ -294,10 +314,22 @@ class _StopRequests:
 
   def _handle(self, signum, frame):
     del frame
+    name = signal.Signals(signum).name
+    if self.signal is not None:  # the second: at once, one line, no traceback
+      print(f"stopped at once by a second {name}; the last saved checkpoint "
+            "is kept: rerun the same command to resume", file=sys.stderr,
+            flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
     self.signal = signum
-    logging.warning("received %s: stopping after this step (a second one "
-                    "stops at once)", signal.Signals(signum).name)
-    self.__exit__()  # the next signal acts as it did before
+    logging.warning("received %s: stopping at the next safe point (a second "
+                    "one stops at once)", name)
+
+  def raise_if_stopped(self, where: str) -> None:
+    """Preempted when a stop was asked for: at a point where everything
+    needed to resume is saved."""
+    if self.signal is not None:
+      raise Preempted(f"stopped by {signal.Signals(self.signal).name} {where}; "
+                      "rerun the same command to resume")
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -314,7 +346,7 @@ class _StopRequests:
 
 
 def _train_loop(program: _Program, step: int, replicas: list[_Replica],
-                step_callback) -> float | None:
+                step_callback, requests: _StopRequests) -> float | None:
   """Trains to the end from ``step``; returns the images/s of all replicas
   (None when no whole log interval after the first was timed).
 
@@ -346,7 +378,7 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
       desc=f"{config.objective} seed{'s' if program.stacked else ''} "
            + ",".join(map(str, program.seeds)),
       enabled=jax.process_index() == 0)
-  with _StopRequests() as requests, contextlib.closing(progress):
+  with contextlib.closing(progress):
     while step < total:
       pending.append(program.step(next(batches)))
       step += 1
@@ -396,9 +428,12 @@ def _train_loop(program: _Program, step: int, replicas: list[_Replica],
         t_mark = time.time()
       else:
         progress.update(step)
-      if stop is not None and step < total:
+      if stop is not None:
+        rate = (timed_steps * config.batch_size / timed_seconds
+                if timed_seconds else None)  # per replica
         for r in replicas:
           r.manager.wait_until_finished()
+          workdir_lib.save_throughput(r.workdir, rate)
         raise Preempted(
             f"stopped by {stop} at step {step} of {total}; its checkpoint is "
             f"saved in {replicas[0].workdir / 'checkpoints'}: rerun the same "

@@ -412,3 +412,25 @@ def load_interval(workdir: Path, step: int) -> tuple[int, list[dict[str, float]]
     if entry is not None:
       return entry["first_step"], entry["history"]
   return step + 1, []
+
+
+_THROUGHPUT = "train_throughput.json"
+
+
+def save_throughput(workdir: Path, images_per_s: float | None) -> None:
+  """Records the training images/s this run measured (process 0); a rerun
+  that trains nothing measures nothing and keeps the earlier figure."""
+  if jax.process_index() == 0 and images_per_s is not None:
+    _write_new(workdir / _THROUGHPUT,
+               json.dumps({"train_images_per_s": images_per_s}) + "\n")
+
+
+def load_throughput(workdir: Path) -> float | None:
+  """The training images/s of :func:`save_throughput`, else that of an
+  earlier ``summary.json`` (runs from before the file existed), or None."""
+  for name in (_THROUGHPUT, "summary.json"):
+    try:
+      return json.loads((workdir / name).read_text())["train_images_per_s"]
+    except (OSError, ValueError, KeyError):
+      continue
+  return None

@@ -1,0 +1,147 @@
+"""Faults end to end: signals at every phase, a second SIGINT, a full disk,
+a read-only workdir, unreadable weights files. Each gives exit 0 with the
+right records, or one line with the way out, and loses nothing."""
+
+import json
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from discrim_jax import train
+from discrim_jax import workdir as workdir_lib
+
+REPO = Path(__file__).resolve().parents[1]
+_SMOKE = ["--config=experiments/configs/fashion_mnist.py:smoke",
+          "--config.num_devices=1"]
+
+
+def _cli(workdir, *extra, **kwargs):
+  return subprocess.Popen(
+      [sys.executable, "experiments/train.py", *_SMOKE, f"--workdir={workdir}",
+       *extra], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+      stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.startswith(("error:", "preempted:"))]
+
+
+@pytest.fixture(name="whole")
+def whole_fixture(fashion, tmp_path, smoke_config, read_metrics):
+  train.train_and_evaluate(smoke_config(), str(tmp_path / "whole"), dataset=fashion)
+  return read_metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("phase", ["_restore_or_init", "last_step", "_test_best"])
+def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
+    phase, whole, fashion, tmp_path, smoke_config, read_metrics, monkeypatch):
+  config = smoke_config()
+  kwargs = {}
+  if phase == "last_step":
+    kwargs["step_callback"] = lambda step: step == 10 and os.kill(os.getpid(),
+                                                                  signal.SIGTERM)
+    where = "at step 10 of 10"
+  else:
+    original = getattr(train, phase)
+
+    def signalled(*args):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return original(*args)
+    monkeypatch.setattr(train, phase, signalled)
+    where = {"_restore_or_init": "before training started",
+             "_test_best": "during the test"}[phase]
+  run = tmp_path / "cut"
+  with pytest.raises(train.Preempted, match=f"SIGTERM {where}"):
+    train.train_and_evaluate(config, str(run), dataset=fashion, **kwargs)
+  assert not (run / "summary.json").exists()
+  monkeypatch.undo()
+  summary = train.train_and_evaluate(config, str(run), dataset=fashion)
+  assert read_metrics(run) == whole
+  if phase != "_restore_or_init":  # trained before the stop: its rate is kept
+    assert summary["train_images_per_s"] is not None
+
+
+def test_second_sigint_stops_at_once_in_one_line(tmp_path):
+  proc = _cli(tmp_path / "run", "--config.num_epochs=50", "--config.log_every_steps=1")
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, "the run did not start"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode in (75, 130), stderr[-2000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  if proc.returncode == 130:
+    assert "stopped at once by a second SIGINT" in stderr.strip().splitlines()[-1]
+
+
+def _mount(path: Path, *options) -> None:
+  path.mkdir(parents=True)
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs",
+                           str(path)], capture_output=True, text=True, check=False)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+
+
+def test_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path):
+  disk = tmp_path / "disk"
+  _mount(disk, "size=1m")
+  try:
+    proc = _cli(disk / "run", "--config.num_epochs=2")
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+  assert proc.returncode == 1, stderr[-2000:]
+  lines = _error_lines(stderr)
+  assert len(lines) == 1 and "No space left on device" in lines[0], stderr[-3000:]
+  assert "Traceback" not in stderr and "Logging error" not in stderr
+  assert len(stderr.splitlines()) < 20, stderr[-3000:]
+
+
+def test_read_only_and_file_workdirs_are_one_line(tmp_path):
+  ro = tmp_path / "ro"
+  _mount(ro, "size=1m", "ro")
+  try:
+    proc = _cli(ro / "run")
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    subprocess.run(["umount", str(ro)], check=False)
+  assert proc.returncode == 1 and len(_error_lines(stderr)) == 1, stderr[-2000:]
+  assert "Read-only file system" in _error_lines(stderr)[0]
+  assert "Traceback" not in stderr
+  (tmp_path / "file").write_text("x")
+  proc = _cli(tmp_path / "file")
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 1 and "is a file, not a folder" in stderr, stderr[-2000:]
+  assert len(stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_weights_are_one_line_never_suggesting_unsafe_loading(tmp_path):
+  torch = pytest.importorskip("torch", reason="the pretrained extra (make test)")
+  del torch
+  import pickle  # pylint: disable=g-import-not-at-top
+
+  class Payload:
+    def __reduce__(self):
+      return (os.system, (f"touch {tmp_path / 'ran'}",))
+  (tmp_path / "evil.pth").write_bytes(pickle.dumps({"w": Payload()}))
+  (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+  for name in ("evil.pth", "junk.pth", "missing.pth"):
+    proc = subprocess.Popen(
+        [sys.executable, "experiments/convert.py", "--model=resnet18",
+         f"--checkpoint={tmp_path / name}", f"--out={tmp_path / 'out'}"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert len(stderr.strip().splitlines()) == 1, stderr[-2000:]
+    assert "weights_only=False" not in stderr and name in stderr
+  assert not (tmp_path / "ran").exists()
+  assert not (tmp_path / "out").exists()
