@@ -112,14 +112,27 @@ def _unknown_field_hint(argv) -> str:
   return ""
 
 
-def enable_compilation_cache() -> None:
-  """JAX's persistent compilation cache: a rerun or resume skips the compile.
+def cache_root() -> str:
+  """Where the app keeps its caches: ``$DISCRIM_JAX_CACHE`` or
+  ``~/.cache/discrim_jax``. Outside the workdir, the app writes only there
+  and in the data folder (``config.data_dir``)."""
+  return os.environ.get("DISCRIM_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "discrim_jax")
 
-  The folder is ``$DISCRIM_JAX_CACHE`` or ``~/.cache/discrim_jax/jax_cache``.
-  """
+
+def keep_library_caches_in_cache_root() -> None:
+  """Libraries the app imports write caches and settings into ``$HOME``
+  (Keras's ``keras.json``, Matplotlib's font list); point them into
+  :func:`cache_root` unless the user chose their own folders."""
+  os.environ.setdefault("KERAS_HOME", os.path.join(cache_root(), "keras"))
+  os.environ.setdefault("MPLCONFIGDIR", os.path.join(cache_root(), "matplotlib"))
+
+
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache, ``cache_root()/jax_cache``: a rerun
+  or resume skips the compile."""
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.environ.get("DISCRIM_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "discrim_jax", "jax_cache")
+  path = os.path.join(cache_root(), "jax_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -191,6 +204,7 @@ def run_with_one_line_errors(fn):
   user can act on (bad config values, missing data, NaN, unreadable
   checkpoints); a run stopped by SIGTERM/SIGINT after saving its checkpoint
   prints one ``preempted: ...`` line and exits with status 75."""
+  keep_library_caches_in_cache_root()
   quiet_console()
   quiet_library_logs()
   _quiet_closed_event_loops()

@@ -145,3 +145,46 @@ def test_unreadable_weights_are_one_line_never_suggesting_unsafe_loading(tmp_pat
     assert "weights_only=False" not in stderr and name in stderr
   assert not (tmp_path / "ran").exists()
   assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_on_one_workdir_and_writes_only_there(tmp_path):
+  """Two real runs on one workdir: the second refuses in one line before
+  touching a file, the first finishes with its records once each. The run
+  writes only inside its workdir, the data folder and the compilation cache
+  (HOME and the working directory are empty folders here)."""
+  home, cwd = tmp_path / "home", tmp_path / "cwd"
+  home.mkdir()
+  cwd.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(home),
+             DISCRIM_JAX_CACHE=str(tmp_path / "cache"))
+  argv = [sys.executable, str(REPO / "experiments" / "train.py"),
+          "--config=" + str(REPO / "experiments/configs/fashion_mnist.py:smoke"),
+          "--config.num_devices=1", f"--config.data_dir={tmp_path / 'tfds'}",
+          f"--workdir={tmp_path / 'run'}"]
+  first = subprocess.Popen(argv, cwd=cwd, env=env, stderr=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not (tmp_path / "run" / ".lock").exists():
+    assert first.poll() is None and time.time() < deadline, first.stderr.read()
+    time.sleep(0.1)
+  before = sorted(p.name for p in (tmp_path / "run").iterdir())
+  second = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert second.returncode == 1
+  lines = _error_lines(second.stderr)
+  assert len(lines) == 1 and f"in use by process {first.pid}" in lines[0], second.stderr
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) >= before
+  _, stderr = first.communicate(timeout=300)
+  assert first.returncode == 0, stderr[-2000:]
+  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines()]
+  keys = [(r["step"], r["split"]) for r in records]
+  assert len(keys) == len(set(keys)) and keys[-1][1] == "test"
+  assert not (tmp_path / "run" / ".lock").exists()
+  assert list(cwd.iterdir()) == []
+  outside = [p for p in home.rglob("*") if p.is_file()]
+  assert outside == [], outside[:5]
+  assert set(p.name for p in tmp_path.iterdir()) == {"home", "cwd", "run", "tfds",
+                                                     "cache"}
+  assert {p.name for p in (tmp_path / "cache").iterdir()} <= {
+      "jax_cache", "keras", "matplotlib"}
