@@ -97,4 +97,6 @@ def read_metrics_fixture():
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.expanduser("~"), ".cache", "discrim_jax",
                                "jax_test_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Every program, however quick to compile: the suite builds the same small
+# steps many times, and a cache hit is cheaper than even a 0.2 s compile.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

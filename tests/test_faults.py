@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from discrim_jax import pretrained
 from discrim_jax import train
 from discrim_jax import workdir as workdir_lib
 
@@ -133,7 +134,12 @@ def test_unreadable_weights_are_one_line_never_suggesting_unsafe_loading(tmp_pat
       return (os.system, (f"touch {tmp_path / 'ran'}",))
   (tmp_path / "evil.pth").write_bytes(pickle.dumps({"w": Payload()}))
   (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-  for name in ("evil.pth", "junk.pth", "missing.pth"):
+  for name in ("junk.pth", "missing.pth"):  # the reader itself
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+      pretrained.load_state_dict(tmp_path / name)
+    assert "weights_only=False" not in str(e.value) and name in str(e.value)
+    assert "\n" not in str(e.value)
+  for name in ("evil.pth",):  # and through the command, as a user meets it
     proc = subprocess.Popen(
         [sys.executable, "experiments/convert.py", "--model=resnet18",
          f"--checkpoint={tmp_path / name}", f"--out={tmp_path / 'out'}"],

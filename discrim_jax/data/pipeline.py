@@ -34,6 +34,7 @@ import functools
 import os
 import socket
 from typing import Any
+import weakref
 
 import numpy as np
 
@@ -220,6 +221,10 @@ def feature_keys(builder: Any, name: str) -> tuple[str, str]:
   return image_key, label_key
 
 
+# (builder folder, split, image shape, resize, keys) -> decoded arrays.
+_DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def split_plan(available: list[str], spec: _Spec, splits: dict[str, str],
                name: str) -> dict[str, str | None]:
   """``{train, validation, test}`` -> the TFDS split (None: validation held
@@ -365,6 +370,18 @@ class Dataset:
   def _read(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     if self._folder is not None:
       return self._folder.read(split)
+    # The same prepared split decoded the same way is read once per process
+    # (a study's or comparison's cells all read the one data set). The
+    # arrays are read-only: every later step takes copies or views.
+    key = (str(self._builder.data_dir), split, self.image_shape,
+           self._spec.resize, self._image_key, self._label_key)
+    if key not in _DECODED:
+      for other in [k for k in _DECODED if k[0] != key[0]]:
+        del _DECODED[other]  # one data set at a time: bounded memory
+      _DECODED[key] = self._decode(split)
+    return _DECODED[key]
+
+  def _decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     ds = self._builder.as_dataset(split=split, shuffle_files=False)
     tf, _ = _tf()
     size = self.image_shape[:2]
@@ -395,6 +412,7 @@ class Dataset:
       raise ValueError(f"{self.name}: split {split!r} is empty")
     images, labels = np.concatenate(images), np.concatenate(labels)
     check_labels(labels, self.num_classes, f"{self.name}/{split}")
+    images.flags.writeable = labels.flags.writeable = False
     return images, labels
 
   def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -475,6 +493,24 @@ def _process_range(batch_size: int, process_index: int,
   return slice(process_index * local, (process_index + 1) * local)
 
 
+# Each data set's splits as TF constants, made once (a run evaluates the same
+# split many times; copying a split into TF each time cost seconds).
+_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_tensors(dataset, split: str, images: np.ndarray, labels: np.ndarray):
+  tf, _ = _tf()
+  try:
+    cached = _TENSORS.setdefault(dataset, {})
+  except TypeError:  # not weak-referenceable: no cache
+    cached = {}
+  entry = cached.get(split)
+  if entry is None or entry[0] is not images or entry[1] is not labels:
+    entry = (images, labels, tf.constant(images), tf.constant(labels))
+    cached[split] = entry
+  return entry[2], entry[3]
+
+
 def make_iterator(
     dataset: str | Dataset,
     split: str,
@@ -538,8 +574,7 @@ def make_iterator(
   if normalize:
     mean, std = dataset.mean_std()
   tf, _ = _tf()
-  images_t = tf.constant(images)
-  labels_t = tf.constant(labels)
+  images_t, labels_t = _as_tensors(dataset, split, images, labels)
 
   def load(index, mask, step):
     image = tf.cast(tf.gather(images_t, index), tf.float32) / 255.0
