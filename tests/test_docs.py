@@ -65,6 +65,30 @@ def test_python_block_runs(where, code):
   assert result.returncode == 0, f"{where}:\n{result.stderr[-3000:]}"
 
 
+def test_tutorial_notebook_runs(tmp_path):
+  nbformat = pytest.importorskip("nbformat", reason="the test extra (make test)")
+  nbclient = pytest.importorskip("nbclient", reason="the test extra (make test)")
+  notebook = nbformat.read(REPO / "docs" / "tutorial.ipynb", as_version=4)
+  env = {"TUTORIAL_STEPS": "30", "PYTHONPATH": str(REPO),
+         "MPLCONFIGDIR": str(tmp_path)}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)  # the kernel inherits them
+  try:
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  printed = "".join(o.get("text", "") for c in notebook.cells
+                    for o in c.get("outputs", []))
+  assert "CE+Gini+KL {'test accuracy':" in printed, printed[-2000:]
+  assert any("image/png" in o.get("data", {}) for c in notebook.cells
+             for o in c.get("outputs", []))
+
+
 def test_documented_commands_exist():
   # A guard against the parser finding nothing (a renamed fence, say).
   commands = _commands()

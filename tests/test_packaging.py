@@ -1,6 +1,7 @@
 """The install's promises: the library runs with jax, flax and optax alone,
 and the app, imported without its extra, says in one line what to install."""
 
+import json
 from pathlib import Path
 import subprocess
 import sys
@@ -64,6 +65,17 @@ def test_library_runs_without_the_app_packages():
       """)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("ok")
+
+
+def test_tutorial_loss_part_runs_without_the_app_packages():
+  notebook = json.loads((REPO / "docs" / "tutorial.ipynb").read_text())
+  code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+  assert "matplotlib" in code[-1] and "matplotlib" not in "".join(code[:-1])
+  # The rest is the library's part: what `pip install discrim_jax` runs.
+  result = _run_core_only("import os\nos.environ['TUTORIAL_STEPS'] = '20'\n"
+                          + "\n".join(code[:-1]))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "CE+Gini+KL {'test accuracy':" in result.stdout
 
 
 def test_app_without_its_extra_is_one_line_naming_it():
