@@ -17,7 +17,7 @@ from discrim_jax.data.synthetic import SyntheticDataset
 def cifar():
   with tfds.testing.mock_data(num_examples=230):
     ds = data.Dataset("cifar100", validation_size=30)
-    for split in data.pipeline.SPLITS:
+    for split in data.SPLITS:
       ds.arrays(split)  # read while the mock is active
   return ds
 
@@ -26,7 +26,7 @@ def cifar():
 def caltech():
   with tfds.testing.mock_data(num_examples=120):
     ds = data.Dataset("caltech101", image_size=40)
-    for split in data.pipeline.SPLITS:
+    for split in data.SPLITS:
       ds.arrays(split)
   return ds
 

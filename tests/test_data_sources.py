@@ -18,7 +18,7 @@ from discrim_jax import data
 from discrim_jax import steps
 from discrim_jax import train
 from discrim_jax.data import folder as folder_lib
-from discrim_jax.data import pipeline
+from discrim_jax.data import tfds_access
 from discrim_jax.data import streaming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,14 +75,14 @@ def test_own_validation_split_and_images_of_any_size_cropped():
      {"train": "train[:90%]", "validation": None, "test": "train[90%:]"}),
 ])
 def test_split_plan(available, splits, expected):
-  spec = pipeline._spec("any", "")
-  assert pipeline.split_plan(available, spec, splits, "any") == expected
+  spec = tfds_access.spec_for("any", "")
+  assert tfds_access.split_plan(available, spec, splits, "any") == expected
 
 
 def test_split_plan_without_test_split_says_how_to_name_one():
   with pytest.raises(ValueError, match=r"no test or validation split.*"
                      r"--config.splits.test='train\[80%:\]'"):
-    pipeline.split_plan(["train"], pipeline._spec("any", ""), {}, "any")
+    tfds_access.split_plan(["train"], tfds_access.spec_for("any", ""), {}, "any")
 
 
 @pytest.mark.parametrize("text,fields", [
@@ -116,7 +116,7 @@ def test_unprepared_data_without_download_fails_at_once(tmp_path):
 
 
 def test_unprepared_data_without_network_fails_at_once(tmp_path, monkeypatch):
-  monkeypatch.setattr(pipeline, "network_available",
+  monkeypatch.setattr(tfds_access, "network_available",
                       lambda: "storage.googleapis.com:443 unreachable: test")
   with pytest.raises(ValueError, match=r"cannot be downloaded \(storage.*unreachable"
                      r".*copy DIR here and pass --config.data_dir=DIR"):

@@ -1,5 +1,5 @@
-"""Input pipelines: TFDS (or an image folder) for reading, tf.data for
-augmentation and batching.
+"""The in-memory reader: a data set's splits read once into host memory,
+tf.data for augmentation and batching.
 
 A data set is named by ``config.dataset``:
 
@@ -30,253 +30,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
-import functools
-import os
-import socket
 from typing import Any
 import weakref
 
 import numpy as np
 
+from discrim_jax.data import batching
 from discrim_jax.data import folder as folder_lib
-
-SPLITS = ("train", "validation", "test")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  tfds_name: str
-  test_split: str = ""  # "": the test split, else validation
-  # Validation hold-out from the train split: a total, a fraction or per class.
-  holdout: int = 0
-  holdout_per_class: int = 0
-  holdout_fraction: float = 0.0
-  resize: str = ""  # "stretch" (as the paper's Caltech-101) or "crop"
-
-
-# The paper's data sets and the offline default, with the reference recipe's
-# validation hold-outs; any other TFDS name holds out 10% of train when it has
-# no validation split.
-_SPECS = {
-    "cifar100": _Spec("cifar100", "test", holdout=4000),
-    "caltech101": _Spec("caltech101", "test", holdout_per_class=5,
-                        resize="stretch"),
-    "fashion_mnist": _Spec("debian_fashion_mnist", "test", holdout=5000),
-}
-DATASETS = tuple(sorted(_SPECS))
-DEFAULT_CALTECH_SIZE = 224
-DEFAULT_HOLDOUT_FRACTION = 0.1
-# Images of varying size with no config.image_size are cropped to this.
-DEFAULT_IMAGE_SIZE = 224
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the training code needs to know about a data set."""
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_examples: dict[str, int]  # 'train', 'validation', 'test'
-
-
-@functools.cache
-def _tf():
-  """(tensorflow, tensorflow_datasets), imported on first use.
-
-  Only reading and batching data need them: the models, the losses and the
-  compiled steps also run where JAX alone is installed (an accelerator image).
-  """
-  try:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"reading data sets needs tensorflow and tensorflow-datasets ({e}); "
-        "install the project's dependencies: pip install -e .") from e
-  # TensorFlow must not grab the accelerators JAX is going to use.
-  tf.config.set_visible_devices([], "GPU")
-  if os.environ.get("DISCRIM_JAX_QUIET_TFDS"):  # set by cli.route_logs
-    tfds.disable_progress_bar()
-  return tf, tfds
-
-
-def parse_holdout(text: str) -> dict[str, Any]:
-  """``"5000"`` (images), ``"0.1"`` (a fraction of train) or ``"5/class"``
-  -> the matching :class:`_Spec` field; ``""`` -> {} (the data set's
-  default)."""
-  text = str(text).strip()
-  if not text:
-    return {}
-  try:
-    if text.endswith("/class"):
-      value = int(text[:-len("/class")])
-      if value >= 1:
-        return {"holdout_per_class": value}
-    elif "." in text:
-      value = float(text)
-      if 0 < value < 1:
-        return {"holdout_fraction": value}
-    elif int(text) >= 1:
-      return {"holdout": int(text)}
-  except ValueError:
-    pass
-  raise ValueError(f"validation hold-out {text!r} is not a count (5000), a "
-                   "fraction in (0, 1) (0.1) or a number per class (5/class) "
-                   "(--config.validation_holdout=...)")
-
-
-def _spec(name: str, holdout: str) -> _Spec:
-  spec = _SPECS.get(name) or _Spec(name, holdout_fraction=DEFAULT_HOLDOUT_FRACTION)
-  fields = parse_holdout(holdout)
-  if fields:
-    spec = dataclasses.replace(spec, **{**dict(
-        holdout=0, holdout_per_class=0, holdout_fraction=0.0), **fields})
-  return spec
-
-
-def _builder(spec: _Spec, data_dir: str | None) -> Any:
-  _, tfds = _tf()
-  if spec.tfds_name == "debian_fashion_mnist":
-    from discrim_jax.data.fashion_mnist import DebianFashionMnist  # pylint: disable=g-import-not-at-top
-    return DebianFashionMnist(data_dir=data_dir)
-  try:
-    return tfds.builder(spec.tfds_name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
-        f"unknown data set {spec.tfds_name!r}: not one of {list(DATASETS)}, "
-        "not a TFDS catalogue name (tfds.list_builders()) and not "
-        "folder:/path/to/images (--config.dataset=...)") from None
-
-
-def network_available(host: str = "storage.googleapis.com", port: int = 443,
-                      timeout: float = 5.0) -> str | None:
-  """None when ``host`` answers within ``timeout`` seconds, else why not."""
-  try:
-    with socket.create_connection((host, port), timeout=timeout):
-      return None
-  except OSError as e:
-    return f"{host}:{port} unreachable: {e}"
-
-
-def prepare(builder: Any, name: str, *, download: bool,
-            file_format: str | None = None) -> None:
-  """Prepares a TFDS data set where it is not yet, failing within seconds
-  with one line (what was searched, how to get the data) when it is neither
-  prepared nor downloadable."""
-  if builder.is_prepared():
-    return
-  # Builders of local files (Debian's Fashion-MNIST) and tfds.testing's
-  # mock_data (whose download_and_prepare is a no-op) need no network.
-  local = (getattr(builder, "READS_LOCAL_FILES", False)
-           or builder.download_and_prepare.__name__ == "mock_download_and_prepare")
-  searched = str(builder.data_dir)
-  way_out = (f"prepare it where there is network (`tfds build {name} "
-             "--data_dir=DIR`), copy DIR here and pass --config.data_dir=DIR")
-  if not local:
-    if not download:
-      raise ValueError(f"data set {name!r} is not prepared in {searched} and "
-                       f"config.download is False: {way_out}")
-    offline = network_available()
-    if offline is not None:
-      raise ValueError(f"data set {name!r} is not prepared in {searched} and "
-                       f"cannot be downloaded ({offline}): {way_out}")
-  kwargs = {"file_format": file_format} if file_format else {}
-  if local:  # its own errors say how to get the files
-    builder.download_and_prepare(**kwargs)
-    return
-  try:
-    builder.download_and_prepare(**kwargs)
-  except (OSError, AssertionError) as e:  # download / manual-dir failures
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    raise ValueError(f"data set {name!r} could not be prepared in {searched} "
-                     f"({type(e).__name__}: {first}): {way_out}") from None
-
-
-def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-  """Raises ValueError if any label lies outside [0, num_classes)."""
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    raise ValueError(
-        f"{where}: {bad.size} label(s) outside [0, {num_classes}), e.g. "
-        f"{bad[:5].tolist()}; the data and the number of classes disagree")
-
-
-def feature_keys(builder: Any, name: str) -> tuple[str, str]:
-  """The (image, label) feature names of a TFDS builder; ValueError unless
-  the label is a class label."""
-  _, tfds = _tf()
-  keys = builder.info.supervised_keys
-  image_key, label_key = (keys if isinstance(keys, tuple) and len(keys) == 2
-                          and all(isinstance(k, str) for k in keys)
-                          else ("image", "label"))
-  features = builder.info.features
-  if image_key not in features or label_key not in features:
-    raise ValueError(f"data set {name!r} has no ({image_key!r}, {label_key!r}) "
-                     f"features; it has {list(features)}: not an image "
-                     "classification data set")
-  if not isinstance(features[label_key], tfds.features.ClassLabel):
-    raise ValueError(f"data set {name!r}: feature {label_key!r} is not a class "
-                     "label; not an image classification data set")
-  return image_key, label_key
+from discrim_jax.data.tfds_access import (
+    SPLITS, SPECS, DATASETS, DEFAULT_CALTECH_SIZE, DEFAULT_IMAGE_SIZE, DatasetInfo, tf_modules, parse_holdout, spec_for, open_builder, prepare, check_labels, feature_keys, split_plan, holdout_mask, per_class_subset)
 
 
 # (builder folder, split, image shape, resize, keys) -> decoded arrays.
 _DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def split_plan(available: list[str], spec: _Spec, splits: dict[str, str],
-               name: str) -> dict[str, str | None]:
-  """``{train, validation, test}`` -> the TFDS split (None: validation held
-  out of train)."""
-  train = splits.get("train") or "train"
-  test = (splits.get("test") or spec.test_split
-          or ("test" if "test" in available else
-              "validation" if "validation" in available else ""))
-  if not test:
-    raise ValueError(
-        f"data set {name!r} has no test or validation split (splits: "
-        f"{available}); name one, e.g. --config.splits.train='train[:80%]' "
-        "--config.splits.test='train[80%:]'")
-  validation = splits.get("validation") or (
-      "validation" if "validation" in available and test != "validation"
-      and not spec.test_split else None)
-  return {"train": train, "validation": validation, "test": test}
-
-
-def holdout_mask(labels: np.ndarray, spec: _Spec, num_classes: int, seed: int,
-                 name: str) -> np.ndarray:
-  """The examples of the train split held out for validation (fixed seed)."""
-  rng = np.random.default_rng(seed)
-  n = len(labels)
-  mask = np.zeros(n, bool)
-  if spec.holdout_per_class:
-    k = spec.holdout_per_class
-    for c in range(num_classes):
-      members = np.flatnonzero(labels == c)
-      # Keep at least one training image of every class.
-      take = min(k, max(len(members) - 1, 0))
-      mask[rng.permutation(members)[:take]] = True
-    return mask
-  count = spec.holdout or int(round(spec.holdout_fraction * n))
-  if not 1 <= count < n:
-    raise ValueError(
-        f"{name}: the train split has {n} examples, too few to hold out "
-        f"{count} for validation (--config.validation_holdout=...)")
-  mask[rng.permutation(n)[:count]] = True
-  return mask
-
-
-def per_class_subset(images, labels, per_class: int, name: str):
-  """The first ``per_class`` examples of each class, in their order."""
-  keep = np.zeros(len(labels), bool)
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    if len(members) < per_class:
-      raise ValueError(f"{name}: class {c} has {len(members)} training "
-                       f"examples, fewer than train_per_class={per_class}")
-    keep[members[:per_class]] = True
-  return images[keep], labels[keep]
 
 
 class Dataset:
@@ -323,18 +89,18 @@ class Dataset:
     if validation_size is not None:
       if validation_size < 1:
         raise ValueError(f"validation_size must be >= 1, got {validation_size}")
-      per_class = name in _SPECS and _SPECS[name].holdout_per_class
+      per_class = name in SPECS and SPECS[name].holdout_per_class
       holdout = f"{validation_size}/class" if per_class else str(validation_size)
     if name.startswith(folder_lib.PREFIX):
       self._folder = folder_lib.ImageFolder(name[len(folder_lib.PREFIX):],
                                             image_size or 0)
-      self._spec = _spec(name, holdout)
+      self._spec = spec_for(name, holdout)
       self.num_classes = self._folder.num_classes
       self.class_names = list(self._folder.class_names)
       self.image_shape = self._folder.image_shape
       return
-    self._spec = _spec(name, holdout)
-    self._builder = _builder(self._spec, data_dir)
+    self._spec = spec_for(name, holdout)
+    self._builder = open_builder(self._spec, data_dir)
     self._image_key, self._label_key = feature_keys(self._builder, name)
     label = self._builder.info.features[self._label_key]
     self.num_classes = int(label.num_classes)
@@ -343,7 +109,7 @@ class Dataset:
     channels = shape[-1] or 3
     if self._spec.resize == "stretch":
       size = image_size or DEFAULT_CALTECH_SIZE
-    elif name in _SPECS and image_size not in (None, shape[0]):
+    elif name in SPECS and image_size not in (None, shape[0]):
       raise ValueError(
           f"{name} images are {shape[0]}x{shape[1]}; image_size={image_size} is "
           "only supported for caltech101 (leave it unset)")
@@ -383,7 +149,7 @@ class Dataset:
 
   def _decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     ds = self._builder.as_dataset(split=split, shuffle_files=False)
-    tf, _ = _tf()
+    tf, _ = tf_modules()
     size = self.image_shape[:2]
     resize = self._spec.resize
     image_key, label_key = self._image_key, self._label_key
@@ -463,43 +229,13 @@ def get_info(name: str, **kwargs: Any) -> DatasetInfo:
 # ------------------------------------------------------------------- batching
 
 
-def _augment(images: Any, seed: Any, pad: int, rows: slice,
-             global_batch: int) -> Any:
-  """Random crop with ``pad``-pixel zero padding and horizontal flip, per image.
-
-  The random draws are made for the whole global batch and this process keeps
-  its ``rows``, so the augmentation does not depend on the number of hosts.
-  """
-  tf, _ = _tf()
-  h, w = images.shape[1], images.shape[2]
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  draw = lambda s, hi: tf.random.stateless_uniform(  # pylint: disable=g-long-lambda
-      [global_batch], s, 0, hi, tf.int32)[rows.start:rows.stop]
-  padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-  dy, dx = draw(seeds[0], 2 * pad + 1), draw(seeds[1], 2 * pad + 1)
-  out = tf.gather(padded, dy[:, None] + tf.range(h)[None], axis=1, batch_dims=1)
-  out = tf.gather(out, dx[:, None] + tf.range(w)[None], axis=2, batch_dims=1)
-  flip = draw(seeds[2], 2) > 0
-  return tf.where(flip[:, None, None, None], tf.reverse(out, axis=[2]), out)
-
-
-def _process_range(batch_size: int, process_index: int,
-                   process_count: int) -> slice:
-  if batch_size % process_count:
-    raise ValueError(
-        f"batch size {batch_size} is not divisible by the number of processes "
-        f"{process_count}")
-  local = batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
-
-
 # Each data set's splits as TF constants, made once (a run evaluates the same
 # split many times; copying a split into TF each time cost seconds).
 _TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _as_tensors(dataset, split: str, images: np.ndarray, labels: np.ndarray):
-  tf, _ = _tf()
+  tf, _ = tf_modules()
   try:
     cached = _TENSORS.setdefault(dataset, {})
   except TypeError:  # not weak-referenceable: no cache
@@ -511,75 +247,25 @@ def _as_tensors(dataset, split: str, images: np.ndarray, labels: np.ndarray):
   return entry[2], entry[3]
 
 
-def make_iterator(
-    dataset: str | Dataset,
-    split: str,
-    batch_size: int,
-    *,
-    train: bool,
-    seed: int = 0,
-    start_step: int = 0,
-    augment: bool | None = None,
-    normalize: bool = False,
-    crop_padding: int = 4,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch: int = 2,
-    **dataset_kwargs: Any,
-) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of ``{"image": float32 NHWC in [0, 1], "label": int32}``.
-
-  Args:
-    dataset: a data set name or a loaded :class:`Dataset`.
-    split: ``train``, ``validation`` or ``test``.
-    batch_size: the global batch size; each process yields its own
-      ``batch_size / process_count`` rows of every global batch.
-    train: True for an endless, per-epoch shuffled stream (last partial batch
-      of each epoch dropped); False for one ordered pass in which every
-      example appears exactly once, the last batch padded and marked by
-      ``"mask"`` (1.0 real, 0.0 padding).
-    seed: the epoch order and the augmentation are functions of (seed, epoch).
-    start_step: the number of training batches already consumed (resume).
-    augment: random crop + flip; defaults to ``train``.
-    normalize: subtract the training set's per-channel mean and divide by its
-      std (the reference recipe does not).
-    crop_padding: padding of the random crop, in pixels.
-    process_index, process_count: this process's place among the hosts
-      (default: ``jax.process_index()`` / ``jax.process_count()``).
-    prefetch: batches prepared ahead by tf.data.
-    **dataset_kwargs: passed to :class:`Dataset` when ``dataset`` is a name.
-  """
-  if isinstance(dataset, str):
-    dataset = Dataset(dataset, **dataset_kwargs)
-  elif dataset_kwargs:
-    raise ValueError(f"{sorted(dataset_kwargs)} only apply when the data set "
-                     "is given by name")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index, process_count = jax.process_index(), jax.process_count()
-  augment = train if augment is None else augment
-  if getattr(dataset, "streaming", False):
-    from discrim_jax.data import streaming  # pylint: disable=g-import-not-at-top
-    yield from streaming.make_iterator(
-        dataset, split, batch_size, train=train, seed=seed,
-        start_step=start_step, augment=augment, normalize=normalize,
-        crop_padding=crop_padding, process_index=process_index,
-        process_count=process_count, prefetch=prefetch)
-    return
-  rows = _process_range(batch_size, process_index, process_count)
+def iterate(dataset, split: str, batch_size: int, *, train: bool, seed: int,
+            start_step: int, augment: bool, normalize: bool, crop_padding: int,
+            process_index: int, process_count: int, prefetch: int = 2
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """:func:`discrim_jax.data.make_iterator` for a data set held in memory
+  (:class:`Dataset`, or any object with ``arrays(split)``): tf.data cuts the
+  batches by index and augments them."""
+  rows = batching.process_rows(batch_size, process_index, process_count)
   images, labels = dataset.arrays(split)
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()
-  tf, _ = _tf()
+  tf, _ = tf_modules()
   images_t, labels_t = _as_tensors(dataset, split, images, labels)
 
   def load(index, mask, step):
     image = tf.cast(tf.gather(images_t, index), tf.float32) / 255.0
     if augment:
-      image = _augment(image, tf.stack([tf.cast(seed, tf.int64), step]),
+      image = batching.augment(image, tf.stack([tf.cast(seed, tf.int64), step]),
                        crop_padding, rows, batch_size)
     if normalize:
       image = (image - mean) / std
@@ -604,15 +290,11 @@ def make_iterator(
                         mask.reshape(num_batches, batch_size), 0)
     return
 
-  num_steps = n // batch_size
-  if num_steps == 0:
-    raise ValueError(
-        f"{dataset.name}/{split} has {n} examples, fewer than one batch of "
-        f"{batch_size}; lower the batch size")
+  num_steps = batching.num_train_steps(n, batch_size, f"{dataset.name}/{split}")
   epoch, offset = divmod(start_step, num_steps)
   ones = np.ones((num_steps, batch_size), bool)
   while True:
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = batching.epoch_order(n, seed, epoch)
     order = order[:num_steps * batch_size].reshape(num_steps, -1)
     yield from pipeline(order[offset:], ones[offset:], epoch * num_steps + offset)
     epoch, offset = epoch + 1, 0
@@ -630,20 +312,3 @@ def to_global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items()}
-
-
-def measure_throughput(name: str, batch_size: int, steps: int, *,
-                       data_dir: str | None = None) -> float:
-  """Images/s of the augmented training iterator after 10 warm-up batches
-  (reading the split into memory is not timed)."""
-  import time  # pylint: disable=g-import-not-at-top
-  dataset = Dataset(name, data_dir=data_dir)
-  dataset.arrays("train")
-  it = make_iterator(dataset, "train", batch_size, train=True,
-                     process_index=0, process_count=1)
-  for _ in range(10):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  return steps * batch_size / (time.perf_counter() - start)

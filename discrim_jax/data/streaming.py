@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from discrim_jax.data import folder as folder_lib
-from discrim_jax.data import pipeline
+from discrim_jax.data import batching
+from discrim_jax.data import tfds_access as access
 
 ARRAY_RECORD = "array_record"
 CIFAR_MAX_SIZE = 64  # up to this image side: the CIFAR recipe, else ImageNet's
@@ -68,23 +69,23 @@ class StreamingDataset:
       raise ValueError(f"{name}: an image folder is read into memory; "
                        "leave config.data_in_memory=True")
     self.name = name
-    self._spec = pipeline._spec(name, holdout)  # pylint: disable=protected-access
+    self._spec = access.spec_for(name, holdout)
     if self._spec.holdout_per_class:
       raise ValueError(
           f"{name}: a per-class validation hold-out needs every label in "
           "memory; stream with a count or a fraction "
           "(--config.validation_holdout=5000 or 0.1)")
-    self._builder = builder or pipeline._builder(self._spec, data_dir)  # pylint: disable=protected-access
-    self._image_key, self._label_key = pipeline.feature_keys(self._builder, name)
+    self._builder = builder or access.open_builder(self._spec, data_dir)
+    self._image_key, self._label_key = access.feature_keys(self._builder, name)
     label = self._builder.info.features[self._label_key]
     self.num_classes = int(label.num_classes)
     self.class_names = list(label.names)
     shape = tuple(self._builder.info.features[self._image_key].shape)
     self._resize = None in shape[:2] or shape[0] != shape[1] or bool(
         image_size and image_size != shape[0])
-    size = (image_size or pipeline.DEFAULT_IMAGE_SIZE) if self._resize else shape[0]
+    size = (image_size or access.DEFAULT_IMAGE_SIZE) if self._resize else shape[0]
     self.image_shape = (size, size, shape[-1] or 3)
-    pipeline.prepare(self._builder, name, download=download,
+    access.prepare(self._builder, name, download=download,
                      file_format=ARRAY_RECORD)
     formats = [str(self._builder.info.file_format.value)] + [
         str(f.value) for f in self._builder.info.alternative_file_formats]
@@ -94,14 +95,14 @@ class StreamingDataset:
           "streaming reads ArrayRecord: prepare it in another folder with "
           f"`tfds build {name} --file_format=array_record --data_dir=DIR` "
           "and pass --config.data_dir=DIR (or leave config.data_in_memory=True)")
-    plan = pipeline.split_plan(list(self._builder.info.splits), self._spec,
+    plan = access.split_plan(list(self._builder.info.splits), self._spec,
                                {k: v for k, v in (splits or {}).items() if v},
                                name)
     # Each split's data source (validation held out of train shares train's)
     # and the record indices it reads, in order.
     opened: dict[str, Any] = {}
     self._source: dict[str, Any] = {}
-    for split in pipeline.SPLITS:
+    for split in access.SPLITS:
       tfds_split = plan[split] if plan[split] is not None else plan["train"]
       if tfds_split not in opened:
         opened[tfds_split] = self._builder.as_data_source(
@@ -111,10 +112,10 @@ class StreamingDataset:
     if plan["validation"] is None:
       n = len(self._source["train"])
       # The hold-out of the in-memory path; a count or fraction needs no labels.
-      held_out = pipeline.holdout_mask(np.zeros(n, np.int32), self._spec,
+      held_out = access.holdout_mask(np.zeros(n, np.int32), self._spec,
                                        self.num_classes, validation_seed, name)
     self._index: dict[str, np.ndarray] = {}
-    for split in pipeline.SPLITS:
+    for split in access.SPLITS:
       if held_out is not None and split != "test":
         index = np.flatnonzero(held_out if split == "validation" else ~held_out)
       else:
@@ -180,7 +181,7 @@ def _random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
-def make_iterator(dataset: StreamingDataset, split: str, batch_size: int, *,
+def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
                   train: bool, seed: int, start_step: int, augment: bool,
                   normalize: bool, crop_padding: int, process_index: int,
                   process_count: int, num_threads: int = 16,
@@ -189,7 +190,7 @@ def make_iterator(dataset: StreamingDataset, split: str, batch_size: int, *,
   batches (order, padding, mask; for small images the same augmentation) as
   the in-memory path gives for the same seed and step."""
   import grain  # pylint: disable=g-import-not-at-top
-  rows = pipeline._process_range(batch_size, process_index, process_count)  # pylint: disable=protected-access
+  rows = batching.process_rows(batch_size, process_index, process_count)
   local = rows.stop - rows.start
   n = dataset.num_examples(split)
   shape = dataset.image_shape
@@ -197,14 +198,11 @@ def make_iterator(dataset: StreamingDataset, split: str, batch_size: int, *,
   per_example_augment = augment and not small
 
   if train:
-    num_steps = n // batch_size
-    if num_steps == 0:
-      raise ValueError(f"{dataset.name}/{split} has {n} examples, fewer than "
-                       f"one batch of {batch_size}; lower the batch size")
+    num_steps = batching.num_train_steps(n, batch_size, f"{dataset.name}/{split}")
 
     @functools.lru_cache(maxsize=2)
     def order(epoch):  # the in-memory path's permutation of the split
-      return np.random.default_rng([seed, epoch]).permutation(n)
+      return batching.epoch_order(n, seed, epoch)
 
     def locate(position):
       step, j = divmod(position, local)
@@ -242,11 +240,11 @@ def make_iterator(dataset: StreamingDataset, split: str, batch_size: int, *,
     mean, std = dataset.mean_std()
   crop = None
   if augment and small:
-    tf = pipeline._tf()[0]  # pylint: disable=protected-access
+    tf = access.tf_modules()[0]
     # The in-memory path's augmentation, as one graph traced once (in eager
     # mode TensorFlow's memory grew by ~2 MB a batch).
     crop = tf.function(
-        lambda image, key: pipeline._augment(  # pylint: disable=protected-access
+        lambda image, key: batching.augment(
             image, key, crop_padding, rows, batch_size),
         input_signature=[tf.TensorSpec((None,) + tuple(shape), tf.float32),
                          tf.TensorSpec((2,), tf.int64)])

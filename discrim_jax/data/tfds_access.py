@@ -1,0 +1,260 @@
+"""What a data set is and how TFDS gives it: the catalogue (the paper's data
+sets, the offline ``fashion_mnist``, any TFDS name), splits and hold-outs,
+label checks, and TensorFlow/TFDS themselves, imported on first use.
+
+Both readers (in memory, :mod:`discrim_jax.data.pipeline`; streamed,
+:mod:`discrim_jax.data.streaming`) build on this module; neither imports the
+other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  tfds_name: str
+  test_split: str = ""  # "": the test split, else validation
+  # Validation hold-out from the train split: a total, a fraction or per class.
+  holdout: int = 0
+  holdout_per_class: int = 0
+  holdout_fraction: float = 0.0
+  resize: str = ""  # "stretch" (as the paper's Caltech-101) or "crop"
+
+
+# The paper's data sets and the offline default, with the reference recipe's
+# validation hold-outs; any other TFDS name holds out 10% of train when it has
+# no validation split.
+SPECS = {
+    "cifar100": Spec("cifar100", "test", holdout=4000),
+    "caltech101": Spec("caltech101", "test", holdout_per_class=5,
+                        resize="stretch"),
+    "fashion_mnist": Spec("debian_fashion_mnist", "test", holdout=5000),
+}
+
+
+DATASETS = tuple(sorted(SPECS))
+
+
+DEFAULT_CALTECH_SIZE = 224
+
+
+DEFAULT_HOLDOUT_FRACTION = 0.1
+
+
+# Images of varying size with no config.image_size are cropped to this.
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the training code needs to know about a data set."""
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_examples: dict[str, int]  # 'train', 'validation', 'test'
+
+
+@functools.cache
+def tf_modules():
+  """(tensorflow, tensorflow_datasets), imported on first use.
+
+  Only reading and batching data need them: the models, the losses and the
+  compiled steps also run where JAX alone is installed (an accelerator image).
+  """
+  try:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"reading data sets needs tensorflow and tensorflow-datasets ({e}); "
+        "install the project's dependencies: pip install -e .") from e
+  # TensorFlow must not grab the accelerators JAX is going to use.
+  tf.config.set_visible_devices([], "GPU")
+  if os.environ.get("DISCRIM_JAX_QUIET_TFDS"):  # set by cli.route_logs
+    tfds.disable_progress_bar()
+  return tf, tfds
+
+
+def parse_holdout(text: str) -> dict[str, Any]:
+  """``"5000"`` (images), ``"0.1"`` (a fraction of train) or ``"5/class"``
+  -> the matching :class:`Spec` field; ``""`` -> {} (the data set's
+  default)."""
+  text = str(text).strip()
+  if not text:
+    return {}
+  try:
+    if text.endswith("/class"):
+      value = int(text[:-len("/class")])
+      if value >= 1:
+        return {"holdout_per_class": value}
+    elif "." in text:
+      value = float(text)
+      if 0 < value < 1:
+        return {"holdout_fraction": value}
+    elif int(text) >= 1:
+      return {"holdout": int(text)}
+  except ValueError:
+    pass
+  raise ValueError(f"validation hold-out {text!r} is not a count (5000), a "
+                   "fraction in (0, 1) (0.1) or a number per class (5/class) "
+                   "(--config.validation_holdout=...)")
+
+
+def spec_for(name: str, holdout: str) -> Spec:
+  spec = SPECS.get(name) or Spec(name, holdout_fraction=DEFAULT_HOLDOUT_FRACTION)
+  fields = parse_holdout(holdout)
+  if fields:
+    spec = dataclasses.replace(spec, **{**dict(
+        holdout=0, holdout_per_class=0, holdout_fraction=0.0), **fields})
+  return spec
+
+
+def open_builder(spec: Spec, data_dir: str | None) -> Any:
+  _, tfds = tf_modules()
+  if spec.tfds_name == "debian_fashion_mnist":
+    from discrim_jax.data.fashion_mnist import DebianFashionMnist  # pylint: disable=g-import-not-at-top
+    return DebianFashionMnist(data_dir=data_dir)
+  try:
+    return tfds.builder(spec.tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f"unknown data set {spec.tfds_name!r}: not one of {list(DATASETS)}, "
+        "not a TFDS catalogue name (tfds.list_builders()) and not "
+        "folder:/path/to/images (--config.dataset=...)") from None
+
+
+def network_available(host: str = "storage.googleapis.com", port: int = 443,
+                      timeout: float = 5.0) -> str | None:
+  """None when ``host`` answers within ``timeout`` seconds, else why not."""
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return None
+  except OSError as e:
+    return f"{host}:{port} unreachable: {e}"
+
+
+def prepare(builder: Any, name: str, *, download: bool,
+            file_format: str | None = None) -> None:
+  """Prepares a TFDS data set where it is not yet, failing within seconds
+  with one line (what was searched, how to get the data) when it is neither
+  prepared nor downloadable."""
+  if builder.is_prepared():
+    return
+  # Builders of local files (Debian's Fashion-MNIST) and tfds.testing's
+  # mock_data (whose download_and_prepare is a no-op) need no network.
+  local = (getattr(builder, "READS_LOCAL_FILES", False)
+           or builder.download_and_prepare.__name__ == "mock_download_and_prepare")
+  searched = str(builder.data_dir)
+  way_out = (f"prepare it where there is network (`tfds build {name} "
+             "--data_dir=DIR`), copy DIR here and pass --config.data_dir=DIR")
+  if not local:
+    if not download:
+      raise ValueError(f"data set {name!r} is not prepared in {searched} and "
+                       f"config.download is False: {way_out}")
+    offline = network_available()
+    if offline is not None:
+      raise ValueError(f"data set {name!r} is not prepared in {searched} and "
+                       f"cannot be downloaded ({offline}): {way_out}")
+  kwargs = {"file_format": file_format} if file_format else {}
+  if local:  # its own errors say how to get the files
+    builder.download_and_prepare(**kwargs)
+    return
+  try:
+    builder.download_and_prepare(**kwargs)
+  except (OSError, AssertionError) as e:  # download / manual-dir failures
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise ValueError(f"data set {name!r} could not be prepared in {searched} "
+                     f"({type(e).__name__}: {first}): {way_out}") from None
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises ValueError if any label lies outside [0, num_classes)."""
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    raise ValueError(
+        f"{where}: {bad.size} label(s) outside [0, {num_classes}), e.g. "
+        f"{bad[:5].tolist()}; the data and the number of classes disagree")
+
+
+def feature_keys(builder: Any, name: str) -> tuple[str, str]:
+  """The (image, label) feature names of a TFDS builder; ValueError unless
+  the label is a class label."""
+  _, tfds = tf_modules()
+  keys = builder.info.supervised_keys
+  image_key, label_key = (keys if isinstance(keys, tuple) and len(keys) == 2
+                          and all(isinstance(k, str) for k in keys)
+                          else ("image", "label"))
+  features = builder.info.features
+  if image_key not in features or label_key not in features:
+    raise ValueError(f"data set {name!r} has no ({image_key!r}, {label_key!r}) "
+                     f"features; it has {list(features)}: not an image "
+                     "classification data set")
+  if not isinstance(features[label_key], tfds.features.ClassLabel):
+    raise ValueError(f"data set {name!r}: feature {label_key!r} is not a class "
+                     "label; not an image classification data set")
+  return image_key, label_key
+
+
+def split_plan(available: list[str], spec: Spec, splits: dict[str, str],
+               name: str) -> dict[str, str | None]:
+  """``{train, validation, test}`` -> the TFDS split (None: validation held
+  out of train)."""
+  train = splits.get("train") or "train"
+  test = (splits.get("test") or spec.test_split
+          or ("test" if "test" in available else
+              "validation" if "validation" in available else ""))
+  if not test:
+    raise ValueError(
+        f"data set {name!r} has no test or validation split (splits: "
+        f"{available}); name one, e.g. --config.splits.train='train[:80%]' "
+        "--config.splits.test='train[80%:]'")
+  validation = splits.get("validation") or (
+      "validation" if "validation" in available and test != "validation"
+      and not spec.test_split else None)
+  return {"train": train, "validation": validation, "test": test}
+
+
+def holdout_mask(labels: np.ndarray, spec: Spec, num_classes: int, seed: int,
+                 name: str) -> np.ndarray:
+  """The examples of the train split held out for validation (fixed seed)."""
+  rng = np.random.default_rng(seed)
+  n = len(labels)
+  mask = np.zeros(n, bool)
+  if spec.holdout_per_class:
+    k = spec.holdout_per_class
+    for c in range(num_classes):
+      members = np.flatnonzero(labels == c)
+      # Keep at least one training image of every class.
+      take = min(k, max(len(members) - 1, 0))
+      mask[rng.permutation(members)[:take]] = True
+    return mask
+  count = spec.holdout or int(round(spec.holdout_fraction * n))
+  if not 1 <= count < n:
+    raise ValueError(
+        f"{name}: the train split has {n} examples, too few to hold out "
+        f"{count} for validation (--config.validation_holdout=...)")
+  mask[rng.permutation(n)[:count]] = True
+  return mask
+
+
+def per_class_subset(images, labels, per_class: int, name: str):
+  """The first ``per_class`` examples of each class, in their order."""
+  keep = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    if len(members) < per_class:
+      raise ValueError(f"{name}: class {c} has {len(members)} training "
+                       f"examples, fewer than train_per_class={per_class}")
+    keep[members[:per_class]] = True
+  return images[keep], labels[keep]
