@@ -214,3 +214,16 @@ def test_synthetic_batch_is_what_the_iterator_yields():
   for key in first:
     assert batch[key].dtype == first[key].dtype, key
     np.testing.assert_array_equal(batch[key], first[key], err_msg=key)
+
+
+def test_split_sizes_without_decoding_images(fashion_data_dir, monkeypatch):
+  """get_info answers from the builder's split sizes (and the hold-out's
+  count); sizes equal those of the arrays themselves."""
+  ds = data.Dataset("fashion_mnist", data_dir=fashion_data_dir)
+  monkeypatch.setattr(data.pipeline.Dataset, "_decode",
+                      lambda *a: pytest.fail("decoded images for a size"))
+  info = data.get_info("fashion_mnist", data_dir=fashion_data_dir)
+  assert info.num_examples == {"train": 55000, "validation": 5000, "test": 10000}
+  monkeypatch.undo()
+  assert [len(ds.arrays(s)[1]) for s in ("train", "validation", "test")] == [
+      55000, 5000, 10000]

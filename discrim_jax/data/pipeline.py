@@ -38,7 +38,9 @@ import numpy as np
 from discrim_jax.data import batching
 from discrim_jax.data import folder as folder_lib
 from discrim_jax.data.tfds_access import (
-    SPLITS, SPECS, DATASETS, DEFAULT_CALTECH_SIZE, DEFAULT_IMAGE_SIZE, DatasetInfo, tf_modules, parse_holdout, spec_for, open_builder, prepare, check_labels, feature_keys, split_plan, holdout_mask, per_class_subset)
+    DEFAULT_CALTECH_SIZE, DEFAULT_IMAGE_SIZE, SPECS, SPLITS, DatasetInfo,
+    check_labels, feature_keys, holdout_count, holdout_mask, open_builder,
+    per_class_subset, prepare, spec_for, split_plan, tf_modules)
 
 
 # (builder folder, split, image shape, resize, keys) -> decoded arrays.
@@ -85,6 +87,9 @@ class Dataset:
     self._validation_seed = validation_seed
     self._download = download
     self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # split -> (source split, indices into it, labels): from labels alone.
+    self._selections: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+    self._source_labels: dict[str, np.ndarray] = {}
     self._folder = None
     if validation_size is not None:
       if validation_size < 1:
@@ -181,32 +186,99 @@ class Dataset:
     images.flags.writeable = labels.flags.writeable = False
     return images, labels
 
+  def _labels(self, source: str) -> np.ndarray:
+    """The labels of a source split, without decoding its images."""
+    if source not in self._source_labels:
+      if self._folder is not None:
+        labels = self._folder.files[source][1]
+      elif any(k[1] == source for k in _DECODED
+               if k[0] == str(self._builder.data_dir)):
+        labels = self._read(source)[1]
+      else:
+        tf, tfds = tf_modules()
+        ds = self._builder.as_dataset(
+            split=source, shuffle_files=False,
+            decoders={self._image_key: tfds.decode.SkipDecoding()})
+        label_key = self._label_key
+        ds = ds.map(lambda e: tf.cast(e[label_key], tf.int32)).batch(65536)
+        parts = list(ds.as_numpy_iterator())
+        if not parts:
+          raise ValueError(f"{self.name}: split {source!r} is empty")
+        labels = np.concatenate(parts)
+        check_labels(labels, self.num_classes, f"{self.name}/{source}")
+      self._source_labels[source] = labels
+    return self._source_labels[source]
+
+  def _selection(self, split: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(source split, indices into it, labels)`` of a split: the hold-out,
+    the per-class subset and the example limits, from the labels alone."""
+    if split not in self._selections:
+      plan = self._plan()
+      sel = {}
+      if split == "test" or plan["validation"] is not None:
+        source = plan[split]
+        labels = self._labels(source)
+        sel[split] = (source, np.arange(len(labels)), labels)
+      else:
+        source = plan["train"]
+        labels = self._labels(source)
+        val = holdout_mask(labels, self._spec, self.num_classes,
+                           self._validation_seed, self.name)
+        index = np.arange(len(labels))
+        sel["train"] = (source, index[~val], labels[~val])
+        sel["validation"] = (source, index[val], labels[val])
+      if self._per_class and "train" in sel:
+        source, index, labels = sel["train"]
+        sel["train"] = (source, *per_class_subset(index, labels, self._per_class,
+                                                  self.name))
+      for name, limit in self._max_examples.items():
+        if name in sel:
+          source, index, labels = sel[name]
+          sel[name] = (source, index[:limit], labels[:limit])
+      self._selections.update(sel)
+    return self._selections[split]
+
   def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(images uint8 (N, H, W, C), labels int32 (N,))`` of a split."""
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
     if split not in self._arrays:
-      plan = self._plan()
-      if split == "test":
-        self._arrays["test"] = self._read(plan["test"])
-      elif plan["validation"] is not None:
-        self._arrays[split] = self._read(plan[split])
-      else:
-        images, labels = self._read(plan["train"])
-        val = holdout_mask(labels, self._spec, self.num_classes,
-                           self._validation_seed, self.name)
-        self._arrays["train"] = (images[~val], labels[~val])
-        self._arrays["validation"] = (images[val], labels[val])
-      if self._per_class and "train" in self._arrays:
-        self._arrays["train"] = per_class_subset(*self._arrays["train"],
-                                                 self._per_class, self.name)
-      for name, limit in self._max_examples.items():
-        if name in self._arrays:
-          self._arrays[name] = tuple(a[:limit] for a in self._arrays[name])
+      source, index, labels = self._selection(split)
+      images, all_labels = self._read(source)
+      whole = len(index) == len(all_labels) and np.array_equal(
+          index, np.arange(len(index)))
+      self._arrays[split] = (images if whole else images[index], labels)
     return self._arrays[split]
 
   def num_examples(self, split: str) -> int:
-    return len(self.arrays(split)[1])
+    """A split's size: from the builder's split sizes where they decide it,
+    else from the labels alone (no image is decoded)."""
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    n = None
+    if (split not in self._selections and self._folder is None
+        and not self._per_class):
+      n = self._size_from_builder(split)
+    if n is None:
+      return len(self._selection(split)[2])
+    limit = self._max_examples.get(split)
+    return min(n, limit) if limit else n
+
+  def _size_from_builder(self, split: str) -> int | None:
+    plan = self._plan()
+    sizes = self._builder.info.splits
+    try:
+      if split == "test" or plan["validation"] is not None:
+        return int(sizes[plan[split]].num_examples) or None
+      total = int(sizes[plan["train"]].num_examples)
+    except (KeyError, ValueError, TypeError):  # unknown to the builder (mock data)
+      return None
+    if not total:
+      return None
+    count = holdout_count(total, self._spec, self.name)
+    if count is None:
+      return None
+    return count if split == "validation" else total - count
 
   @property
   def info(self) -> DatasetInfo:

@@ -239,13 +239,21 @@ def holdout_mask(labels: np.ndarray, spec: Spec, num_classes: int, seed: int,
       take = min(k, max(len(members) - 1, 0))
       mask[rng.permutation(members)[:take]] = True
     return mask
+  mask[rng.permutation(n)[:holdout_count(n, spec, name)]] = True
+  return mask
+
+
+def holdout_count(n: int, spec: Spec, name: str) -> int | None:
+  """How many of ``n`` training examples a total or fractional hold-out
+  takes (None for a per-class one, which depends on the labels)."""
+  if spec.holdout_per_class:
+    return None
   count = spec.holdout or int(round(spec.holdout_fraction * n))
   if not 1 <= count < n:
     raise ValueError(
         f"{name}: the train split has {n} examples, too few to hold out "
         f"{count} for validation (--config.validation_holdout=...)")
-  mask[rng.permutation(n)[:count]] = True
-  return mask
+  return count
 
 
 def per_class_subset(images, labels, per_class: int, name: str):
