@@ -25,6 +25,43 @@ import optax
 
 from discrim_jax.baseline_losses import normalize, pool
 
+
+def extract(fn, batches, *, max_examples: int = 0
+            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Features of many batches, pooled and gathered on the host for the
+  metrics below.
+
+  Args:
+    fn: ``batch -> {"features": {layer: (B, ..., F)}, "label": (B,),
+      "mask": (B,) (optional: 0 marks padding)}``, e.g. a jitted function of
+      a model's apply (``discrim_jax.features.capture`` gives the layers).
+    batches: an iterable of batches for ``fn``.
+    max_examples: stop after this many real examples (0: all).
+
+  Returns:
+    ``({layer: (N, F) float32 array}, labels (N,))`` of the real examples,
+    in order (features pooled over their middle axes).
+  """
+  parts, count = [], 0
+  for batch in batches:
+    out = jax.device_get(fn(batch))
+    labels = np.asarray(out["label"])
+    keep = (np.asarray(out["mask"]) > 0 if "mask" in out
+            else np.ones(len(labels), bool))
+    parts.append(({k: np.asarray(pool(v))[keep] for k, v in out["features"].items()},
+                  labels[keep]))
+    count += int(keep.sum())
+    if max_examples and count >= max_examples:
+      break
+  if not parts:
+    raise ValueError("extract: no batches")
+  features = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+  labels = np.concatenate([p[1] for p in parts])
+  if max_examples:
+    features = {k: v[:max_examples] for k, v in features.items()}
+    labels = labels[:max_examples]
+  return features, labels
+
 __all__ = ["knn_accuracy", "linear_probe_accuracy", "nc1", "evaluate"]
 
 

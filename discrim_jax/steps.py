@@ -38,6 +38,7 @@ from discrim_jax import config_lib
 from discrim_jax import data as data_lib
 from discrim_jax import losses
 from discrim_jax import models
+from discrim_jax import representation
 from discrim_jax.config_lib import ConfigError
 from discrim_jax.models import common
 
@@ -315,22 +316,20 @@ class Trainer:
     :func:`representation_layers`; ``metrics`` are :meth:`evaluate`'s with
     ``with_features`` (from the same pass). With ``max_examples`` > 0 only
     the first examples are read, and ``metrics`` is None."""
-    parts, totals, count = [], None, 0
-    for batch in self.batches(split, train=False):
-      sums, out = jax.device_get(self.features_step(state, batch))
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-      keep = out.pop("mask") > 0
-      parts.append(jax.tree.map(lambda x, keep=keep: x[keep], out))
-      count += int(keep.sum())
-      if max_examples and count >= max_examples:
-        break
-    joined = jax.tree.map(lambda *x: np.concatenate(x), *parts)
+    sums = []
+
+    def step(batch):  # the split's eval sums come from the same pass
+      totals, out = self.features_step(state, batch)
+      sums.append(totals)
+      return out
+    features, labels = representation.extract(
+        step, self.batches(split, train=False), max_examples=max_examples)
     metrics = None
-    if max_examples:
-      joined = jax.tree.map(lambda x: x[:max_examples], joined)
-    else:
+    if not max_examples:
+      totals = functools.reduce(  # batch after batch, as evaluate() sums
+          lambda a, b: jax.tree.map(np.add, a, b), jax.device_get(sums))
       metrics = self._results(totals, True)
-    return metrics, joined["features"], joined["label"]
+    return metrics, features, labels
 
   def _totals(self, step, state, split):
     totals = None

@@ -95,3 +95,21 @@ def test_nc1_matches_numpy_and_is_zero_when_collapsed():
   assert rep.nc1(collapsed, y2, num_classes=4) == pytest.approx(0.0, abs=1e-6)
   # A class absent from the split is left out, not counted as a zero mean.
   assert rep.nc1(x, y, num_classes=6) == pytest.approx(np_nc1(x, y, 4), rel=1e-3)
+
+
+def test_extract_pools_masks_and_stops_at_max_examples():
+  rng = np.random.default_rng(3)
+  batches = [{"x": rng.normal(size=(4, 2, 2, 3)).astype(np.float32),
+              "label": np.arange(4) + 4 * i,
+              "mask": np.array([1, 1, 1, 0 if i == 2 else 1], np.float32)}
+             for i in range(3)]
+  fn = lambda b: {"features": {"a": b["x"]}, "label": b["label"], "mask": b["mask"]}
+  features, labels = rep.extract(fn, batches)
+  np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+  # A float32 mean of 4 numbers in JAX's and NumPy's orders: within 4 ulps
+  # of the largest term.
+  x = batches[1]["x"][1]
+  np.testing.assert_allclose(features["a"][5], x.mean((0, 1)), rtol=0,
+                             atol=4 * 2.0**-24 * np.abs(x).max())
+  features, labels = rep.extract(fn, iter(batches), max_examples=6)
+  assert features["a"].shape == (6, 3) and list(labels) == [0, 1, 2, 3, 4, 5]
