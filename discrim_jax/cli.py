@@ -53,13 +53,20 @@ def dry_run(what: str, configs=()) -> bool:
 
 
 def route_logs(workdir: str) -> Path:
-  """Sends the full log to ``workdir/log.txt``; the console keeps warnings,
-  errors, the progress line and the results unless ``--verbose``."""
+  """Sends the full log to ``workdir/log.txt`` (for a workdir on an object
+  store, ``gs://...``, to ``cache_root()/logs/``, since those cannot be
+  appended to); the console keeps warnings, errors, the progress line and
+  the results unless ``--verbose``."""
   quiet_console()
   # A log record that cannot be written (a full disk) must not print a
   # traceback per record: the error that stops the run says it once.
   std_logging.raiseExceptions = False
-  path = Path(workdir)
+  if "://" in str(workdir):
+    name = "".join(c if c.isalnum() else "_" for c in str(workdir))
+    path = Path(cache_root()) / "logs" / name
+    print(f"log of {workdir} in {path / 'log.txt'}", file=sys.stderr)
+  else:
+    path = Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   handler = std_logging.FileHandler(path / "log.txt")
   handler.setFormatter(logging.PythonFormatter())

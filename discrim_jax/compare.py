@@ -23,15 +23,15 @@ _app.require(__name__)
 
 import copy
 import json
-import math
-from pathlib import Path
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
 
 from discrim_jax import config_lib
 from discrim_jax import data as data_lib
+from discrim_jax import stats as stats_lib
 from discrim_jax import steps
 from discrim_jax import train
 from discrim_jax import workdir as workdir_lib
@@ -54,20 +54,26 @@ def _is_percent(name: str) -> bool:
   return name.split("/")[0] in ("test_accuracy", "knn", "probe")
 
 
-def run_dir(workdir: Path, objective: str, seed: int) -> Path:
+def run_dir(workdir: epath.Path, objective: str, seed: int) -> epath.Path:
   return workdir / objective / f"seed{seed}"
 
 
-def _t_quantile(dof: int) -> float:
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  return float(stats.t.ppf(0.975, dof))
+def save_figure(fig, path: epath.Path) -> None:
+  """A figure as PNG at ``path`` (local or remote)."""
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _load_npz(path: epath.Path) -> dict[str, np.ndarray]:
+  with path.open("rb") as f:
+    return dict(np.load(f))
+
+
+def _read_jsonl(path: epath.Path) -> list[dict[str, Any]]:
   return workdir_lib.read_records(path)
 
 
-def finished(out: Path) -> bool:
+def finished(out: epath.Path) -> bool:
   """A run with a readable ``summary.json`` (a torn one is rewritten by
   running the command again: the run restores its last checkpoint and
   only tests)."""
@@ -78,7 +84,7 @@ def finished(out: Path) -> bool:
   return True
 
 
-def train_all(config, workdir: Path, objectives, seeds: int,
+def train_all(config, workdir: epath.Path, objectives, seeds: int,
               dataset: data_lib.Dataset | None = None,
               vmap_seeds: bool = False) -> None:
   """Trains the runs that have no summary yet (with ``vmap_seeds``, the
@@ -106,7 +112,7 @@ def train_all(config, workdir: Path, objectives, seeds: int,
           dataset=dataset)
 
 
-def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
+def summarize(workdir: epath.Path, objectives, seeds: int) -> dict[str, Any]:
   """Aggregates the runs' summaries into a results dict."""
   rows = {}
   for objective in objectives:
@@ -127,6 +133,7 @@ def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
           "final_kl": {k[3:]: v for k, v in last_train.items()
                        if k.startswith("kl/")},
           "test_gini": {k[5:]: v for k, v in test.items() if k.startswith("gini/")},
+          "test_examples": int(test["num_examples"]) if "num_examples" in test else None,
           # Test accuracy and the representation metrics, by one name each.
           "metrics": {"test_accuracy": summary["test_accuracy"],
                       **{k: v for k, v in test.items()
@@ -151,24 +158,36 @@ def summarize(workdir: Path, objectives, seeds: int) -> dict[str, Any]:
                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
       if "ce" in rows and all(name in r["metrics"] for r in rows["ce"]["runs"]):
         base = np.array([r["metrics"][name] for r in rows["ce"]["runs"]])
-        stats["diff_to_ce_mean"], stats["diff_to_ce_ci95"] = paired_difference(
-            values, base)
+        stats.update(stats_lib.paired(values, base))
       row["metrics"][name] = stats
-    if "ce" in rows:  # the accuracy's, also at the top level of the row
-      row["diff_to_ce_mean"] = row["metrics"]["test_accuracy"]["diff_to_ce_mean"]
-      row["diff_to_ce_ci95"] = row["metrics"]["test_accuracy"]["diff_to_ce_ci95"]
-  return {"seeds": seeds, "objectives": list(objectives), "results": rows}
+  _primary_comparisons(rows)
+  test_examples = [r["test_examples"] for row in rows.values() for r in row["runs"]]
+  return {"seeds": seeds, "objectives": list(objectives), "results": rows,
+          "test_examples": min(test_examples) if None not in test_examples else None}
+
+
+def _primary_comparisons(rows: dict[str, Any]) -> None:
+  """Each objective's test accuracy against CE: the table's family of
+  primary comparisons, Holm-corrected together (``p_holm``); also at the
+  top level of each row."""
+  if "ce" not in rows:
+    return
+  others = [o for o in rows if o != "ce"]
+  adjusted = stats_lib.holm([rows[o]["metrics"]["test_accuracy"]["p_t"]
+                             for o in others])
+  for objective, p in zip(others, adjusted):
+    accuracy = rows[objective]["metrics"]["test_accuracy"]
+    accuracy["p_holm"] = p
+    for key in ("diff_to_ce_mean", "diff_to_ce_ci95", "p_t", "p_sign_flip",
+                "p_holm"):
+      rows[objective][key] = accuracy[key]
 
 
 def paired_difference(values, base) -> tuple[float, list[float] | None]:
   """The mean of ``values - base`` (same seeds) and its 95% t-interval (None
   from one seed)."""
-  diff = np.asarray(values, float) - np.asarray(base, float)
-  if len(diff) < 2:
-    return float(diff.mean()), None
-  half = _t_quantile(len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-  return float(diff.mean()), [float(diff.mean() - half),
-                              float(diff.mean() + half)]
+  out = stats_lib.paired(values, base)
+  return out["diff_to_ce_mean"], out["diff_to_ce_ci95"]
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -188,9 +207,9 @@ def _mean_dict(dicts: list[dict[str, float]]) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
   lines = [
-      "| objective | test acc. (mean ± std) | Δ vs CE [95% CI] | best val. acc. "
-      "| final train Gini | final train KL | test-set Gini | images/s |",
-      "|---|---|---|---|---|---|---|---|",
+      "| objective | test acc. (mean ± std) | Δ vs CE [95% CI] | p (Holm) | p (sign flip) "
+      "| best val. acc. | final train Gini | final train KL | test-set Gini | images/s |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for objective, row in results["results"].items():
     runs = row["runs"]
@@ -204,14 +223,23 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines.append(
         f"| {objective_name(objective)} "
         f"| {100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_std']:.2f} "
-        f"| {diff} | {100 * row['best_validation_accuracy_mean']:.2f} "
+        f"| {diff} | {_format(row.get('p_holm'), '.3f')} "
+        f"| {_format(row.get('p_sign_flip'), '.3f')} "
+        f"| {100 * row['best_validation_accuracy_mean']:.2f} "
         f"| {_mean_dict([r['final_gini'] for r in runs])} "
         f"| {_mean_dict([r['final_kl'] for r in runs])} "
         f"| {_mean_dict([r['test_gini'] for r in runs])} "
         f"| {_format(row['images_per_s_mean'], '.0f')} |")
   lines += ["", *metrics_table(results), ""]
+  warning = stats_lib.caveat(results["seeds"], results.get("test_examples"))
+  if warning:
+    lines.append(f"**{warning}**")
+    lines.append("")
   lines.append(f"Accuracies in %, {results['seeds']} seed(s) per objective; Δ is "
-               "the paired difference to CE over the same seeds (t-interval). "
+               "the paired difference to CE over the same seeds (t-interval); "
+               "p (Holm): the t-test's p-value, Holm-corrected over this "
+               "table's comparisons with CE; p (sign flip): the exact "
+               "sign-flip permutation test (with n seeds never below 2/2^n). "
                "Gini/KL columns: the loss layer(s); train values are the last "
                "logged interval, test-set Gini is the feature impurity over the "
                "test split for the best-validation checkpoint.")
@@ -265,7 +293,7 @@ def metrics_table(results: dict[str, Any]) -> list[str]:
   return lines
 
 
-def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
+def plot(workdir: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
   """Writes the four figures; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -291,7 +319,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   ax.set_title(f"Test accuracy, {seeds} seed(s), mean ± std")
   fig.tight_layout()
   paths.append(workdir / "accuracy.png")
-  fig.savefig(paths[-1], dpi=120)
+  save_figure(fig, paths[-1])
   plt.close(fig)
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -310,13 +338,13 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   axes[1].legend()
   fig.tight_layout()
   paths.append(workdir / "curves.png")
-  fig.savefig(paths[-1], dpi=120)
+  save_figure(fig, paths[-1])
   plt.close(fig)
 
   shown = [o for o in ("ce", "gini_kl") if o in objectives] or objectives[:2]
-  matrices = {o: np.load(run_dir(workdir, o, 0) / "feature_class_matrix.npz")
+  matrices = {o: _load_npz(run_dir(workdir, o, 0) / "feature_class_matrix.npz")
               for o in shown}
-  layer = sorted(matrices[shown[0]].files)[0]
+  layer = sorted(matrices[shown[0]])[0]
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for o in shown:
     p = matrices[o][layer]
@@ -327,7 +355,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
   ax.legend()
   fig.tight_layout()
   paths.append(workdir / "impurity_hist.png")
-  fig.savefig(paths[-1], dpi=120)
+  save_figure(fig, paths[-1])
   plt.close(fig)
 
   fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
@@ -342,7 +370,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
            xlabel="class", ylabel=f"{len(sample)} sampled features")
   fig.colorbar(im, ax=list(axes))
   paths.append(workdir / "heatmap.png")
-  fig.savefig(paths[-1], dpi=120)
+  save_figure(fig, paths[-1])
   plt.close(fig)
 
   others = [o for o in objectives if o != "ce"]
@@ -368,7 +396,7 @@ def plot(workdir: Path, results: dict[str, Any]) -> list[Path]:
                  fontsize=9)
     fig.tight_layout()
     paths.append(workdir / "representation.png")
-    fig.savefig(paths[-1], dpi=120)
+    save_figure(fig, paths[-1])
     plt.close(fig)
   return paths
 
@@ -394,7 +422,7 @@ def run_comparison(config, workdir: str, *, objectives=tuple(config_lib.OBJECTIV
         f"{list(config_lib.OBJECTIVES)}, or several joined by '+' (--objectives=...)")
   if seeds < 1:
     raise config_lib.ConfigError(f"--seeds must be >= 1, got {seeds}")
-  out = Path(workdir)
+  out = epath.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   train_all(config, out, objectives, seeds, dataset, vmap_seeds)
   results = summarize(out, objectives, seeds)

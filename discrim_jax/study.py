@@ -37,12 +37,13 @@ _app.require(__name__)
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 from discrim_jax import compare
+from discrim_jax import stats as stats_lib
 from discrim_jax import config_lib
 from discrim_jax.config_lib import ConfigError
 
@@ -160,7 +161,7 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   ``only``; with ``vmap_seeds``, an objective's missing seeds together),
   then writes the study's table, JSON and plots."""
   from discrim_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  out = Path(workdir)
+  out = epath.Path(workdir)
   num_classes = steps_lib.load_dataset(base).num_classes
   all_cells = cells(study, base, num_classes, regime=regime,
                     objectives=tuple(objectives) if objectives else None,
@@ -178,12 +179,12 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   return results
 
 
-def _finished(path: Path, objectives, seeds: int) -> bool:
+def _finished(path: epath.Path, objectives, seeds: int) -> bool:
   return all(compare.finished(compare.run_dir(path, o, s))
              for o in objectives for s in range(seeds))
 
 
-def summarize(out: Path, all_cells: list[Cell], seeds: int) -> dict[str, Any]:
+def summarize(out: epath.Path, all_cells: list[Cell], seeds: int) -> dict[str, Any]:
   """Per finished cell and objective: each metric's mean, std and paired
   difference to CE; the cell's wall time (sum of its runs')."""
   rows = {}
@@ -204,24 +205,58 @@ def summarize(out: Path, all_cells: list[Cell], seeds: int) -> dict[str, Any]:
     for objective, row in results.items():
       metrics = {}
       for name, stats in row["metrics"].items():
-        entry = {"mean": stats["mean"], "std": stats["std"]}
+        values = [r["metrics"][name] for r in row["runs"]]
+        # Per seed, so that every figure can be recomputed from the JSON.
+        entry = {"mean": stats["mean"], "std": stats["std"], "values": values}
         if ce is not None and objective != "ce":
-          values = [r["metrics"][name] for r in row["runs"]]
           base = [r["metrics"].get(name) for r in ce["runs"]]
           if None not in base:
-            entry["diff_to_ce_mean"], entry["diff_to_ce_ci95"] = (
-                compare.paired_difference(values, base))
+            entry["ce_values"] = base
+            entry.update(stats_lib.paired(values, base))
         metrics[name] = entry
-      cell_rows[objective] = {"metrics": metrics}
+      cell_rows[objective] = {
+          "metrics": metrics, "seeds": [r["seed"] for r in row["runs"]],
+          "validation_accuracy": [r["best_validation_accuracy"]
+                                  for r in row["runs"]],
+          "identity": _identity(path, objective)}
     wall = sum(_run_wall_time(compare.run_dir(path, o, s))
                for o in objectives for s in range(seeds))
     rows[cell.name] = {"info": cell.info, "finished": True, "runs_in": cell.runs_in,
                        "paired_with": (cell.pair_with or cell.name) if ce else None,
                        "wall_time_s": wall, "objectives": cell_rows}
+  _holm_over_study(rows)
   return {"seeds": seeds, "cells": rows}
 
 
-def _run_wall_time(run: Path) -> float:
+def _identity(path: epath.Path, objective: str) -> dict[str, Any] | None:
+  """The config identity of an objective's runs in a cell (seed 0's)."""
+  try:
+    return json.loads((compare.run_dir(path, objective, 0) / "identity.json")
+                      .read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _holm_over_study(rows: dict[str, Any]) -> None:
+  """Holm over every distinct comparison of test accuracy with CE in the
+  study (a cell that reuses another's runs is that comparison again)."""
+  family = [(name, o) for name, cell in rows.items() if cell.get("finished")
+            and cell.get("runs_in", name) == name
+            for o, row in cell["objectives"].items()
+            if row["metrics"]["test_accuracy"].get("p_t") is not None]
+  adjusted = stats_lib.holm([rows[n]["objectives"][o]["metrics"]["test_accuracy"]
+                             ["p_t"] for n, o in family])
+  by_runs = {(n, o): p for (n, o), p in zip(family, adjusted)}
+  for name, cell in rows.items():
+    if not cell.get("finished"):
+      continue
+    for o, row in cell["objectives"].items():
+      key = (cell.get("runs_in", name), o)
+      if key in by_runs:
+        row["metrics"]["test_accuracy"]["p_holm"] = by_runs[key]
+
+
+def _run_wall_time(run: epath.Path) -> float:
   """A run's share of wall time: seeds trained together (vmapped) each
   record the group's time, which counts once."""
   summary = json.loads((run / "summary.json").read_text())
@@ -250,6 +285,8 @@ def _fmt(stats, percent: bool) -> str:
     if stats["diff_to_ce_ci95"] is not None:
       lo, hi = stats["diff_to_ce_ci95"]
       text += f" [{scale * lo:+{spec}}, {scale * hi:+{spec}}]"
+  if stats.get("p_holm") is not None:
+    text += f", p_Holm {stats['p_holm']:.3f}"
   return text
 
 
@@ -272,12 +309,17 @@ def markdown(results: dict[str, Any]) -> str:
   lines += ["", f"{results['seeds']} seeds per objective and cell; mean ± std "
             "over seeds; Δ: paired difference to CE over the same seeds with "
             "its 95% t-interval (knob cells: CE of their regime's scarcity "
-            "cell). Representation metrics on pre_logits; test-set Gini on "
+            "cell); p_Holm: the t-test's p-value, Holm-corrected over every "
+            "comparison of test accuracy with CE in this study. "
+            "Representation metrics on pre_logits; test-set Gini on "
             "the (first) loss layer. Wall time: the sum of the cell's runs."]
+  warning = stats_lib.caveat(results["seeds"], None)
+  if warning:
+    lines += ["", f"**{warning}**"]
   return "\n".join(lines) + "\n"
 
 
-def plot(out: Path, results: dict[str, Any]) -> list[Path]:
+def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -323,7 +365,7 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "scarcity.png")
-    fig.savefig(paths[-1], dpi=120)
+    compare.save_figure(fig, paths[-1])
     plt.close(fig)
   grid = {(v["info"]["lambda_gini"], v["info"]["lambda_kl"]): v
           for v in cells_.values() if "lambda_gini" in v["info"]}
@@ -347,6 +389,6 @@ def plot(out: Path, results: dict[str, Any]) -> list[Path]:
     fig.colorbar(im)
     fig.tight_layout()
     paths.append(out / "lambda.png")
-    fig.savefig(paths[-1], dpi=120)
+    compare.save_figure(fig, paths[-1])
     plt.close(fig)
   return paths

@@ -27,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-from pathlib import Path
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -52,7 +52,7 @@ from discrim_jax import workdir as workdir_lib
 class _Replica:
   """One seed's run: its config, workdir, checkpoints and metrics log."""
   config: ml_collections.ConfigDict
-  workdir: Path
+  workdir: epath.Path
   manager: ocp.CheckpointManager | None = None
   log: workdir_lib.MetricsLog | None = None
 
@@ -163,7 +163,7 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict,
 def _train_seeds(config, workdirs, step_callback, dataset):
   seeds = list(workdirs)
   with _StopRequests() as requests:  # from start-up to the last write
-    replicas = [_Replica(_seed_config(config, seed), Path(workdirs[seed]))
+    replicas = [_Replica(_seed_config(config, seed), epath.Path(workdirs[seed]))
                 for seed in seeds]
     for r in replicas:
       workdir_lib.check_config(r.config, r.workdir)
@@ -265,7 +265,8 @@ def _write_summary(trainer: steps_lib.Trainer, r: _Replica, best_step: int,
       "seed": r.config.seed, "num_devices": trainer.mesh.size,
       "trained_with_seeds": seeds}
   if jax.process_index() == 0:
-    np.savez_compressed(r.workdir / "feature_class_matrix.npz", **matrices)
+    with (r.workdir / "feature_class_matrix.npz").open("wb") as f:
+      np.savez_compressed(f, **matrices)
     (r.workdir / "summary.json").write_text(json.dumps(
         summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
   return summary

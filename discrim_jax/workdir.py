@@ -28,13 +28,13 @@ import contextlib
 import json
 import math
 import os
-from pathlib import Path
 import socket
 import threading
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -66,7 +66,7 @@ LOCK = ".lock"
 # killed) when its file has not been refreshed for this long.
 STALE_AFTER_S = 300.0
 _REFRESH_S = 30.0
-_held: dict[Path, int] = {}  # this process's locks, re-entrant
+_held: dict[epath.Path, int] = {}  # this process's locks, re-entrant
 _held_guard = threading.Lock()
 
 
@@ -74,14 +74,24 @@ class WorkdirBusy(RuntimeError):
   """Another process holds the workdir."""
 
 
-def _holder(path: Path) -> dict[str, Any] | None:
+def is_local(path) -> bool:
+  """A path on this machine's file system (not ``gs://``, ``s3://``...)."""
+  return "://" not in str(path)
+
+
+def _mtime(path: epath.Path) -> float:
+  stat = path.stat()
+  return float(getattr(stat, "st_mtime", None) or getattr(stat, "mtime", 0))
+
+
+def _holder(path: epath.Path) -> dict[str, Any] | None:
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError):
     return None  # being written, or torn: judged by its age
 
 
-def _stale(path: Path, holder: dict[str, Any] | None) -> bool:
+def _stale(path: epath.Path, holder: dict[str, Any] | None) -> bool:
   if holder and holder.get("host") == socket.gethostname():
     try:
       os.kill(int(holder["pid"]), 0)
@@ -91,17 +101,22 @@ def _stale(path: Path, holder: dict[str, Any] | None) -> bool:
       return False
     return False
   try:
-    return time.time() - path.stat().st_mtime > STALE_AFTER_S
+    return time.time() - _mtime(path) > STALE_AFTER_S
   except FileNotFoundError:
     return True
 
 
-def _acquire(workdir: Path) -> None:
+def _acquire(workdir: epath.Path) -> None:
   path = workdir / LOCK
   record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
   for _ in range(3):
     try:
+      if not is_local(path):  # object stores have no atomic create
+        if path.exists():
+          raise FileExistsError(path)
+        path.write_text(record)
+        return
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       holder = _holder(path)
@@ -127,7 +142,9 @@ def _acquire(workdir: Path) -> None:
 def locked(workdir):
   """Holds ``workdir``'s lock (creating the folder) for the block; re-entrant
   within a process. Only process 0 of a multi-process run takes it."""
-  workdir = Path(workdir).absolute()
+  workdir = epath.Path(workdir)
+  if is_local(workdir):
+    workdir = workdir.absolute()
   if jax.process_index() != 0:
     yield workdir
     return
@@ -147,7 +164,11 @@ def locked(workdir):
     def refresh():
       while not stop.wait(_REFRESH_S):
         with contextlib.suppress(OSError):
-          os.utime(workdir / LOCK)
+          if is_local(workdir):
+            os.utime(workdir / LOCK)
+          else:
+            lock = workdir / LOCK
+            lock.write_text(lock.read_text())
     refresher = threading.Thread(target=refresh, daemon=True)
     refresher.start()
   try:
@@ -164,10 +185,10 @@ def locked(workdir):
 
 # -------------------------------------------------------------- the identity
 
-IDENTITY = Path("identity.json")
+IDENTITY = epath.Path("identity.json")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: epath.Path) -> Any:
   """A workdir file's JSON; a one-line ValueError naming the file if torn."""
   try:
     return json.loads(path.read_text())
@@ -177,12 +198,12 @@ def read_json(path: Path) -> Any:
         "restore it from a copy, or use a new --workdir") from None
 
 
-def _has_checkpoints(workdir: Path) -> bool:
+def _has_checkpoints(workdir: epath.Path) -> bool:
   saved = workdir / "checkpoints"
   return saved.is_dir() and any(p.is_dir() for p in saved.iterdir())
 
 
-def check_config(config, workdir: Path) -> None:
+def check_config(config, workdir: epath.Path) -> None:
   """Refuses a workdir that holds a run of another identity, or checkpoints
   of no known identity (ConfigError); logs the other fields a resume
   changes. Writes nothing."""
@@ -213,13 +234,13 @@ def check_config(config, workdir: Path) -> None:
           "--workdir to start a new run")
 
 
-def _write_new(path: Path, text: str) -> None:
+def _write_new(path: epath.Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)
 
 
-def write_config(config, workdir: Path) -> None:
+def write_config(config, workdir: epath.Path) -> None:
   """Writes ``config.json`` and the identity beside the checkpoints
   (process 0), each unless the workdir has it."""
   if jax.process_index() != 0:
@@ -234,7 +255,7 @@ def write_config(config, workdir: Path) -> None:
                                 sort_keys=True) + "\n")
 
 
-def write_classes(names, workdir: Path) -> None:
+def write_classes(names, workdir: epath.Path) -> None:
   """Writes ``classes.json``, the class names in label order (process 0),
   unless there are none or the workdir has it."""
   path = workdir / "classes.json"
@@ -242,7 +263,7 @@ def write_classes(names, workdir: Path) -> None:
     path.write_text(json.dumps(list(names), indent=1) + "\n")
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: epath.Path) -> list[dict[str, Any]]:
   """The records of a ``metrics.jsonl``. A torn last line (what a crash or a
   full disk leaves in an append-only file) is dropped with a warning; an
   unreadable line before it is a one-line ValueError naming the file."""
@@ -263,7 +284,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 class MetricsLog:
   """``metrics.jsonl`` plus CLU writers; only process 0 writes."""
 
-  def __init__(self, workdir: Path, restored_step: int):
+  def __init__(self, workdir: epath.Path, restored_step: int):
     self._primary = jax.process_index() == 0
     self.path = workdir / "metrics.jsonl"
     if self._primary and self.path.exists():
@@ -283,8 +304,13 @@ class MetricsLog:
     values = {k: float(v) for k, v in values.items()}
     self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()})
     if self._primary:
-      with self.path.open("a") as f:
-        f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+      line = json.dumps({"step": step, "split": split, **values}) + "\n"
+      if is_local(self.path):
+        with self.path.open("a") as f:
+          f.write(line)
+      else:  # object stores cannot append: the file is written again
+        old = self.path.read_text() if self.path.exists() else ""
+        self.path.write_text(old + line)
 
   def close(self):
     if self.writer is not None:
@@ -299,7 +325,7 @@ _NORMS = ("grad_norm", "update_norm", "param_norm")
 
 
 def check_finite(history: list[dict[str, float]], first_step: int,
-                 last_good: int | None, workdir: Path) -> None:
+                 last_good: int | None, workdir: epath.Path) -> None:
   """Raises FloatingPointError naming the first non-finite loss term, or
   gradient, update or parameter norm."""
   for offset, metrics in enumerate(history):
@@ -316,7 +342,7 @@ def check_finite(history: list[dict[str, float]], first_step: int,
             "lower --config.optimizer.lr or the loss weights, then rerun")
 
 
-def checkpoint_manager(config, workdir: Path) -> ocp.CheckpointManager:
+def checkpoint_manager(config, workdir: epath.Path) -> ocp.CheckpointManager:
   """Keeps the latest ``config.keep_checkpoints`` and the best by validation
   accuracy."""
   best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
@@ -327,11 +353,12 @@ def checkpoint_manager(config, workdir: Path) -> ocp.CheckpointManager:
           checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
       ]),
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+  path = workdir / "checkpoints"
+  return ocp.CheckpointManager(path.absolute() if is_local(path) else path,
                                options=options)
 
 
-def restore(manager, step: int, abstract_state, workdir: Path):
+def restore(manager, step: int, abstract_state, workdir: epath.Path):
   """The state saved at ``step``; a one-line RuntimeError if unreadable."""
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
@@ -343,7 +370,7 @@ def restore(manager, step: int, abstract_state, workdir: Path):
     ) from None
 
 
-def restore_latest(config, workdir: Path, abstract_state):
+def restore_latest(config, workdir: epath.Path, abstract_state):
   """``(manager, step, state)`` from the newest readable checkpoint, or
   ``(manager, None, None)`` when the workdir has none.
 
@@ -386,7 +413,7 @@ def restore_latest(config, workdir: Path, abstract_state):
 _INTERVALS = "train_intervals.json"
 
 
-def save_interval(workdir: Path, manager, step: int, first_step: int,
+def save_interval(workdir: epath.Path, manager, step: int, first_step: int,
                   history: list[dict[str, float]]) -> None:
   """Records the per-step metrics of the log interval a checkpoint of
   ``step`` cuts (steps ``first_step``..``step``), for :func:`load_interval`.
@@ -400,10 +427,10 @@ def save_interval(workdir: Path, manager, step: int, first_step: int,
   saved[str(step)] = {"first_step": first_step, "history": history}
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(saved, allow_nan=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
-def load_interval(workdir: Path, step: int) -> tuple[int, list[dict[str, float]]]:
+def load_interval(workdir: epath.Path, step: int) -> tuple[int, list[dict[str, float]]]:
   """``(first step, per-step metrics)`` of the log interval that a run
   restored at ``step`` is in the middle of (nothing when ``step`` ended one)."""
   path = workdir / _INTERVALS
@@ -417,7 +444,7 @@ def load_interval(workdir: Path, step: int) -> tuple[int, list[dict[str, float]]
 _THROUGHPUT = "train_throughput.json"
 
 
-def save_throughput(workdir: Path, images_per_s: float | None) -> None:
+def save_throughput(workdir: epath.Path, images_per_s: float | None) -> None:
   """Records the training images/s this run measured (process 0); a rerun
   that trains nothing measures nothing and keeps the earlier figure."""
   if jax.process_index() == 0 and images_per_s is not None:
@@ -425,7 +452,7 @@ def save_throughput(workdir: Path, images_per_s: float | None) -> None:
                json.dumps({"train_images_per_s": images_per_s}) + "\n")
 
 
-def load_throughput(workdir: Path) -> float | None:
+def load_throughput(workdir: epath.Path) -> float | None:
   """The training images/s of :func:`save_throughput`, else that of an
   earlier ``summary.json`` (runs from before the file existed), or None."""
   for name in (_THROUGHPUT, "summary.json"):

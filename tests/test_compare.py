@@ -88,6 +88,10 @@ def test_one_seed_table_has_no_interval_and_strict_json(fashion, tmp_path,
   names = [l.split("|")[1].strip()
            for l in (tmp_path / "results.md").read_text().splitlines()[2:6]]
   assert names == ["CE", "CE+Gini+KL", "CE+Center", "CE+SupCon"]
+  # One seed and 200 test images: the table says so beside its figures.
+  assert ("Too little to carry a claim: 1 seed (fewer than 5) and 200 test "
+          "images") in (tmp_path / "results.md").read_text()
+  assert saved["results"]["gini_kl"]["p_holm"] is None  # no p from one seed
 
 
 def test_harness_rejects_bad_arguments(tmp_path, smoke_config):
@@ -96,3 +100,4 @@ def test_harness_rejects_bad_arguments(tmp_path, smoke_config):
     compare.run_comparison(smoke_config(), str(tmp_path), objectives=("ce", "entropy"))
   with pytest.raises(config_lib.ConfigError, match="--seeds must be >= 1"):
     compare.run_comparison(smoke_config(), str(tmp_path), seeds=0)
+

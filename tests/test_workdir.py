@@ -147,3 +147,63 @@ def test_validation_lists_every_field_it_checks():
   assert "optimizer.lr" in names and "baseline.center.lr" in names
   for path in config_lib.NON_NEGATIVE:
     assert path in names, path
+
+
+def _object_store_on(root: Path):
+  """etils' epath mocks that put ``gs://...`` paths under ``root``: the
+  app's files go through epath's non-pathlib path class as on a bucket."""
+  def local(path):
+    text = str(path)
+    return str(root / text[len("gs://"):]) if text.startswith("gs://") else text
+
+  def one(fn, path, *args, **kwargs):
+    return fn(local(path), *args, **kwargs)
+
+  def two(fn, path, dst, *args, **kwargs):
+    return fn(local(path), local(dst), *args, **kwargs)
+  return {**{k: one for k in ("open", "exists", "glob", "walk", "isdir", "listdir",
+                              "makedirs", "mkdir", "remove", "rmtree", "stat")},
+          **{k: two for k in ("rename", "replace", "copy")}}
+
+
+def test_workdir_files_on_an_object_store_path(tmp_path, monkeypatch, smoke_config):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  # CLU's TensorBoard writer has its own gs:// support; not under test here.
+  monkeypatch.setattr(metric_writers, "create_default_writer",
+                      lambda *a, **k: metric_writers.MultiWriter([]))
+  # With TensorFlow installed epath sends gs:// to tf.io.gfile, past its own
+  # mock: let the mocked backend answer.
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  config = smoke_config()
+  with epath_testing.mock_epath(**_object_store_on(tmp_path)):
+    with workdir_lib.locked("gs://bucket/run") as run:
+      assert not workdir_lib.is_local(run) and type(run).__name__ != "PosixPath"
+      assert (tmp_path / "bucket" / "run" / ".lock").exists()
+      with pytest.raises(workdir_lib.WorkdirBusy):  # another process's view
+        workdir_lib._acquire(run)  # pylint: disable=protected-access
+      workdir_lib.write_config(config, run)
+      workdir_lib.check_config(config, run)
+      with pytest.raises(ConfigError, match="batch_size"):
+        workdir_lib.check_config(config_lib.with_fields(config, batch_size=32), run)
+      log = workdir_lib.MetricsLog(run, restored_step=0)
+      log.write(1, "train", {"loss": 2.0})
+      log.write(2, "train", {"loss": 1.5})  # an append, on a store without one
+      log.close()
+      assert [r["loss"] for r in workdir_lib.read_records(run / "metrics.jsonl")] == [
+          2.0, 1.5]
+      workdir_lib.save_throughput(run, 12.5)
+      assert workdir_lib.load_throughput(run) == 12.5
+      fig = plt.figure()
+      compare.save_figure(fig, run / "plot.png")
+      plt.close(fig)
+      assert compare.finished(run) is False
+    assert not (tmp_path / "bucket" / "run" / ".lock").exists()
+  on_disk = {p.name for p in (tmp_path / "bucket" / "run").iterdir()}
+  assert {"config.json", "identity.json", "metrics.jsonl", "plot.png",
+          "train_throughput.json"} <= on_disk
+  del epath
