@@ -121,10 +121,10 @@ def _statistics_dtype(features: jax.Array):
 
 def _labels_valid(labels: jax.Array, num_classes: int,
                   axis_name: AxisName = None) -> jax.Array:
-  bad = jnp.sum((labels < 0) | (labels >= num_classes))
-  if axis_name is not None:
-    bad = jax.lax.psum(bad, axis_name)
-  return bad == 0
+  valid = jnp.all((labels >= 0) & (labels < num_classes))
+  if axis_name is not None:  # every device's labels
+    valid = jax.lax.pmin(valid.astype(jnp.int32), axis_name) > 0
+  return valid
 
 
 def _class_sums(a: jax.Array, onehot: jax.Array) -> jax.Array:
