@@ -8,6 +8,7 @@ from discrim_jax import _app
 _app.require(__name__)
 
 import contextlib
+import errno
 import logging as std_logging
 import os
 from pathlib import Path
@@ -226,6 +227,9 @@ def run_with_one_line_errors(fn):
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.flush()
     message = one_line(e)
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (
+        errno.EROFS, errno.EACCES, errno.EPERM):
+      message += "; choose a --workdir (and data folder) you can write to"
     if "No space left on device" in message:
       message = (message[:300] + " ... No space left on device: free space on "
                  "the workdir's disk and rerun the same command (what was saved "

@@ -116,6 +116,7 @@ def test_read_only_and_file_workdirs_are_one_line(tmp_path):
     subprocess.run(["umount", str(ro)], check=False)
   assert proc.returncode == 1 and len(_error_lines(stderr)) == 1, stderr[-2000:]
   assert "Read-only file system" in _error_lines(stderr)[0]
+  assert "choose a --workdir (and data folder) you can write to" in stderr
   assert "Traceback" not in stderr
   (tmp_path / "file").write_text("x")
   proc = _cli(tmp_path / "file")
