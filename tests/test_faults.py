@@ -14,7 +14,6 @@ import pytest
 
 from discrim_jax import pretrained
 from discrim_jax import train
-from discrim_jax import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 _SMOKE = ["--config=experiments/configs/fashion_mnist.py:smoke",

@@ -5,7 +5,6 @@ files healed or named."""
 import json
 import os
 from pathlib import Path
-import shutil
 import socket
 import subprocess
 import sys
