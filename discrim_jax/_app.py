@@ -3,6 +3,7 @@ without them the import fails with one line naming the extra to install."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 # Import name -> distribution, for what `pip install 'discrim_jax[app]'` adds
@@ -15,6 +16,7 @@ _APP_PACKAGES = {
     "scipy": "scipy"}
 
 
+@functools.cache  # one look per process, however many app modules import
 def _missing() -> list[str]:
   out = []
   for module, dist in _APP_PACKAGES.items():

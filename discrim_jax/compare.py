@@ -183,13 +183,6 @@ def _primary_comparisons(rows: dict[str, Any]) -> None:
       rows[objective][key] = accuracy[key]
 
 
-def paired_difference(values, base) -> tuple[float, list[float] | None]:
-  """The mean of ``values - base`` (same seeds) and its 95% t-interval (None
-  from one seed)."""
-  out = stats_lib.paired(values, base)
-  return out["diff_to_ce_mean"], out["diff_to_ce_ci95"]
-
-
 def _mean_or_none(values: list[float | None]) -> float | None:
   """The mean, or None when any run has no figure (JSON has no NaN)."""
   return None if any(v is None for v in values) else float(np.mean(values))

@@ -425,9 +425,7 @@ def save_interval(workdir: epath.Path, manager, step: int, first_step: int,
   keep = {str(s) for s in manager.all_steps()}
   saved = {k: v for k, v in saved.items() if k in keep}
   saved[str(step)] = {"first_step": first_step, "history": history}
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(saved, allow_nan=True))
-  tmp.replace(path)
+  _write_new(path, json.dumps(saved, allow_nan=True))
 
 
 def load_interval(workdir: epath.Path, step: int) -> tuple[int, list[dict[str, float]]]:
