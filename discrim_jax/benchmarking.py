@@ -2,8 +2,8 @@
 
 ``experiments/bench.py`` (whole train/eval steps) and
 ``experiments/bench_convs.py`` (each convolution alone, :func:`conv_layers`,
-:func:`jax_conv_ops`) time what the training app builds: :func:`app_trainer`
-goes through ``steps.build``, the builder ``train_and_evaluate`` uses, so the
+:func:`jax_conv_ops`) time what the training app builds: :func:`app_program`
+goes through ``runtime.build``, the builder ``train_and_evaluate`` uses, so the
 benchmark's step is the one users run.
 Compared functions are timed in alternating rounds (:func:`interleaved_times`),
 so that a slow spell of a shared machine hits all of them.
@@ -100,27 +100,27 @@ def app_config(model: str, batch: int, dtype: str, with_losses: bool,
   return config
 
 
-def app_trainer(model: str, batch: int, dtype: str, with_losses: bool,
+def app_program(model: str, batch: int, dtype: str, with_losses: bool,
                 **overrides):
-  """``steps.build`` of :func:`app_config` on synthetic CIFAR-shaped data."""
-  from discrim_jax import steps  # pylint: disable=g-import-not-at-top
+  """``runtime.build`` of :func:`app_config` on synthetic CIFAR-shaped data."""
+  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
-  return steps.build(app_config(model, batch, dtype, with_losses, **overrides),
+  return runtime.build(app_config(model, batch, dtype, with_losses, **overrides),
                      dataset=SyntheticDataset(num_examples=batch * 4))
 
 
-def app_batch(trainer, seeds: int = 0):
-  """One batch of the synthetic images as global arrays on the trainer's mesh
+def app_batch(program, seeds: int = 0):
+  """One batch of the synthetic images as global arrays on the program's mesh
   (no tf.data: the steps are also timed where TensorFlow is absent); with
   ``seeds``, stacked for the vmapped step."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from discrim_jax import data  # pylint: disable=g-import-not-at-top
-  batch = trainer.dataset.batch(trainer.config.batch_size)
+  batch = program.dataset.batch(program.spec.batch_size)
   if not seeds:
-    return data.to_global_batch(batch, trainer.batch_sharding)
+    return data.to_global_batch(batch, program.batch_sharding)
   stacked = {k: np.stack([v] * seeds) for k, v in batch.items()}
-  return data.to_global_batch(stacked, NamedSharding(trainer.mesh, P(None, "data")))
+  return data.to_global_batch(stacked, NamedSharding(program.mesh, P(None, "data")))
 
 
 def stepper(executable, state, batch):
@@ -164,7 +164,7 @@ def conv_layers(model, batch):
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  trainer = app_trainer(model, batch, "float32", False)
+  program = app_program(model, batch, "float32", False)
   layers = {}
 
   def record(next_fun, args, kwargs, context):
@@ -174,11 +174,11 @@ def conv_layers(model, batch):
       layers.setdefault(key, [conv, tuple(args[0].shape), 0])[2] += 1
     return next_fun(*args, **kwargs)
 
-  images = jax.ShapeDtypeStruct((batch, *trainer.dataset.image_shape), "float32")
+  images = jax.ShapeDtypeStruct((batch, *program.dataset.image_shape), "float32")
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: trainer.model.init(jax.random.key(0), x, train=False),
+    jax.eval_shape(lambda x: program.model.init(jax.random.key(0), x, train=False),
                    images)
-  return trainer.config, [tuple(v) for v in layers.values()]
+  return program.spec.config, [tuple(v) for v in layers.values()]
 
 
 def jax_conv_ops(conv, params, x, g, options):

@@ -46,9 +46,9 @@ def dry_run(what: str, configs=()) -> bool:
     return False
   quiet_console()
   import jax  # pylint: disable=g-import-not-at-top
-  from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from discrim_jax import run_spec  # pylint: disable=g-import-not-at-top
   for config in configs:
-    config_lib.validate_config(config, jax.device_count())
+    run_spec.resolve(config, jax.device_count(), jax.devices()[0].platform)
   print(f"dry run: {what}: {len(configs)} config(s) valid")
   return True
 
@@ -217,13 +217,13 @@ def run_with_one_line_errors(fn):
   quiet_library_logs()
   _quiet_closed_event_loops()
   enable_compilation_cache()
-  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  from discrim_jax import stopping  # pylint: disable=g-import-not-at-top
   try:
     return fn()
-  except train.Preempted as e:
+  except stopping.Preempted as e:
     logging.flush()
     print(f"preempted: {e}", file=sys.stderr)
-    sys.exit(train.Preempted.exit_code)
+    sys.exit(stopping.Preempted.exit_code)
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.flush()
     message = one_line(e)

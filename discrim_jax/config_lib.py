@@ -5,10 +5,10 @@ Each config file's ``get_config(arg)`` takes an optional string of
 ``--config=experiments/configs/cifar100.py:model=resnet50,objective=ce``;
 every field can then be overridden with ``--config.FIELD=VALUE``.
 
-This module holds the one list of objectives, the checks a config must pass
-before anything is built (:func:`validate_config`), the fields that make a
-run's identity (:data:`IDENTITY_FIELDS`) and the XLA options the config asks
-for (:func:`compiler_options`).
+This module holds the fields and their defaults (:func:`base_config`), the
+one list of objectives, the checks of single values (:func:`check_values`)
+and the fields that make a run's identity (:data:`IDENTITY_FIELDS`).
+``discrim_jax.run_spec`` resolves a whole config into what a run reads.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ OBJECTIVES = {
     "opl": ("opl",),
     "supcon": ("supcon",),
 }
+# The objectives a comparison trains by default: CE, the paper's loss and
+# each baseline (the Gini and KL terms alone are ablations, asked for by name).
+COMPARED_OBJECTIVES = tuple(o for o in OBJECTIVES if o not in ("gini", "kl"))
 
 
 def objective_terms(objective: str) -> tuple[str, ...]:
@@ -83,10 +86,6 @@ IDENTITY_FIELDS = (
 _ADDED_IDENTITY_FIELDS = {
     "splits": {"train": "", "validation": "", "test": ""},
     "validation_holdout": "", "data_in_memory": True, "train_per_class": 0}
-
-# Library fusions XLA:CPU can hand to YNNPACK (config.xla_cpu_ynn_fusion).
-YNN_FUSION_TYPES = ("dot", "reduce", "eltwise")
-
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names it and the way out."""
@@ -241,24 +240,6 @@ def model_defaults(c: ml_collections.ConfigDict, model: str,
     raise ValueError(f"unknown model {model!r}; use one of {sorted(models.MODELS)}")
 
 
-def loss_weights(config) -> tuple[dict[str, float], dict[str, float]]:
-  """(gini_weights, kl_weights) from ``config.objective`` and ``config.loss``."""
-  terms = objective_terms(config.objective)
-  # Terms that are off get weight 0: they are still computed and logged, so
-  # that a CE run shows the Gini and KL values it would have had.
-  layers = list(config.loss.layers)
-  gini = {k: float(config.loss.lambda_gini) * ("gini" in terms) for k in layers}
-  kl = {k: float(config.loss.lambda_kl) * ("kl" in terms) for k in layers}
-  return gini, kl
-
-
-def baselines(config) -> dict[str, dict[str, Any]]:
-  """The settings of the baseline terms the objective uses: ``{term:
-  config.baseline.<term> as a dict}`` (empty for CE and Gini/KL runs)."""
-  return {t: config.baseline[t].to_dict()
-          for t in objective_terms(config.objective) if t in BASELINE_TERMS}
-
-
 def _leaves(d, prefix: str = ""):
   """``(dotted path, value)`` of every leaf of a config dict."""
   for key, value in d.items():
@@ -296,80 +277,6 @@ def check_values(config) -> None:
       raise ConfigError(f"config.{path} must be >= 0 (0: "
                         f"{'off' if '.' in path else 'the default'}), got "
                         f"{as_dict[path]} (--config.{path}=...)")
-
-
-def validate_config(config, num_devices: int) -> None:
-  """Checks the values a run cannot work without; raises ConfigError.
-
-  ``num_devices``: how many devices the run can see.
-  """
-  check_values(config)
-  # pylint: disable=g-import-not-at-top
-  from discrim_jax import data as data_lib
-  from discrim_jax import models
-  # pylint: enable=g-import-not-at-top
-  if not config.dataset:
-    raise ConfigError(f"config.dataset is empty; use one of {list(data_lib.DATASETS)}, "
-                      "a TFDS name or folder:/path (--config.dataset=...)")
-  try:
-    data_lib.parse_holdout(config.get("validation_holdout", ""))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.model not in models.MODELS:
-    raise ConfigError(f"unknown model {config.model!r}; known models: "
-                      f"{sorted(models.MODELS)} (--config.model=...)")
-  for term, settings in baselines(config).items():
-    if settings["weight"] <= 0:
-      raise ConfigError(f"config.baseline.{term}.weight must be > 0 for "
-                        f"objective {config.objective!r}, got {settings['weight']}")
-  if "center" in baselines(config) and config.baseline.center.lr <= 0:
-    raise ConfigError("config.baseline.center.lr must be > 0, got "
-                      f"{config.baseline.center.lr}")
-  for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
-                "keep_checkpoints", "eval_every_epochs"):
-    if config[field] < 1:
-      raise ConfigError(f"config.{field} must be >= 1, got {config[field]}")
-  if config.get("checkpoint_every_steps", 0) < 0:
-    raise ConfigError("config.checkpoint_every_steps must be >= 0 (0: at "
-                      f"evaluations only), got {config.checkpoint_every_steps}")
-  if config.optimizer.lr <= 0:
-    raise ConfigError(f"config.optimizer.lr must be > 0, got {config.optimizer.lr}")
-  if config.optimizer.name not in ("sgd", "adamw"):
-    raise ConfigError(f"unknown optimizer {config.optimizer.name!r}; use 'sgd' "
-                      "or 'adamw' (--config.optimizer.name=...)")
-  if config.schedule.name not in ("step", "cosine", "constant"):
-    raise ConfigError(f"unknown schedule {config.schedule.name!r}; use 'step', "
-                      "'cosine' or 'constant' (--config.schedule.name=...)")
-  unknown = set(_ynn_fusion_types(config)) - set(YNN_FUSION_TYPES)
-  if unknown:
-    raise ConfigError(
-        f"config.xla_cpu_ynn_fusion={config.xla_cpu_ynn_fusion!r} names "
-        f"{sorted(unknown)}; use a comma-separated subset of "
-        f"{list(YNN_FUSION_TYPES)}, or '' for XLA's default")
-  if config.num_devices > num_devices:
-    raise ConfigError(
-        f"config.num_devices={config.num_devices} but only {num_devices} "
-        "devices are visible; use -1 for all of them")
-  n = config.num_devices if config.num_devices > 0 else num_devices
-  for field in ("batch_size", "eval_batch_size"):
-    if config[field] % n:
-      raise ConfigError(
-          f"config.{field}={config[field]} is not divisible by the {n} devices; "
-          f"use a multiple of {n}")
-
-
-def _ynn_fusion_types(config) -> list[str]:
-  return [k.strip() for k in config.get("xla_cpu_ynn_fusion", "").split(",")
-          if k.strip()]
-
-
-def compiler_options(config, platform: str) -> dict[str, Any]:
-  """XLA options for the jitted steps on ``platform`` (from the config)."""
-  kinds = _ynn_fusion_types(config)
-  if platform != "cpu" or not kinds:
-    return {}
-  return {"xla_cpu_experimental_ynn_fusion_type": ",".join(
-      f"LIBRARY_FUSION_TYPE_{k.upper()}" for k in kinds)}
 
 
 def identity(config) -> dict[str, Any]:

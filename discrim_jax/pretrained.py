@@ -305,3 +305,24 @@ def load_pretrained(path: str | Path, model_name: str,
                 architecture=architecture_of(model_name))
   out.pop("head_reinitialized")
   return out
+
+
+def into_state(path: str | Path, model_name: str, state, sharding):
+  """A fresh ``TrainState`` with its model's weights (and BatchNorm
+  statistics) loaded from ``path`` by :func:`load_pretrained`; the
+  training-only parameters (centres, projection head) stay as initialised
+  and the optimiser state starts anew. Placed with ``sharding``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from discrim_jax import optim  # pylint: disable=g-import-not-at-top
+  from discrim_jax import step_fns  # pylint: disable=g-import-not-at-top
+  variables = jax.device_get({"params": step_fns.model_params(state.params),
+                              "batch_stats": state.batch_stats})
+  loaded = load_pretrained(path, model_name, variables)
+  logging.info("Initialised from %s", path)
+  params = dict(loaded["params"])
+  if optim.AUX in state.params:
+    params[optim.AUX] = state.params[optim.AUX]
+  new = state.replace(params=params, batch_stats=loaded.get("batch_stats", {}),
+                      opt_state=state.tx.init(params))
+  return jax.device_put(new, sharding)

@@ -43,8 +43,10 @@ from etils import epath
 import numpy as np
 
 from discrim_jax import compare
-from discrim_jax import stats as stats_lib
 from discrim_jax import config_lib
+from discrim_jax import report
+from discrim_jax import stats as stats_lib
+from discrim_jax import workdir as workdir_lib
 from discrim_jax.config_lib import ConfigError
 
 PER_CLASS = (20, 100, 500)
@@ -54,7 +56,6 @@ LAMBDAS = (0.1, 0.5, 1.0, 2.0)
 LAYERS = {"stage3": ("stage3",), "stage4": ("stage4",),
           "pre_logits": ("pre_logits",), "stage3+stage4": ("stage3", "stage4")}
 START_FRACTIONS = (0.0, 0.1, 0.5)
-BASELINE_OBJECTIVES = ("ce", "gini_kl", "center", "opl", "supcon")
 
 
 @dataclasses.dataclass
@@ -100,7 +101,7 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
     raise ConfigError(f"--steps={steps} applies to the capacity study only; "
                       f"the {study} study trains {STEPS} steps (drop --steps)")
   if study == "scarcity":
-    objectives = objectives or BASELINE_OBJECTIVES
+    objectives = objectives or config_lib.COMPARED_OBJECTIVES
     out = [Cell(f"{n}_per_class", scarcity_config(base, n, num_classes), objectives,
                 info={"per_class": n}) for n in PER_CLASS]
     # The base config's images per class, where it says (its train_subset:
@@ -160,9 +161,9 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   """Trains what is missing of every cell (or of the cells named in
   ``only``; with ``vmap_seeds``, an objective's missing seeds together),
   then writes the study's table, JSON and plots."""
-  from discrim_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   out = epath.Path(workdir)
-  num_classes = steps_lib.load_dataset(base).num_classes
+  num_classes = runtime.load_dataset_of(base).num_classes
   all_cells = cells(study, base, num_classes, regime=regime,
                     objectives=tuple(objectives) if objectives else None,
                     steps=steps)
@@ -174,13 +175,13 @@ def run_study(study: str, base, workdir: str, *, seeds: int = 5,
   results = summarize(out, all_cells, seeds)
   (out / f"{study}.json").write_text(json.dumps(results, indent=2, allow_nan=False)
                                      + "\n")
-  (out / f"{study}.md").write_text(markdown(results))
-  plot(out, results)
+  (out / f"{study}.md").write_text(report.study_markdown(results))
+  report.plot_study(out, results, LAMBDAS)
   return results
 
 
 def _finished(path: epath.Path, objectives, seeds: int) -> bool:
-  return all(compare.finished(compare.run_dir(path, o, s))
+  return all(workdir_lib.finished(workdir_lib.run_dir(path, o, s))
              for o in objectives for s in range(seeds))
 
 
@@ -219,7 +220,7 @@ def summarize(out: epath.Path, all_cells: list[Cell], seeds: int) -> dict[str, A
           "validation_accuracy": [r["best_validation_accuracy"]
                                   for r in row["runs"]],
           "identity": _identity(path, objective)}
-    wall = sum(_run_wall_time(compare.run_dir(path, o, s))
+    wall = sum(_run_wall_time(workdir_lib.run_dir(path, o, s))
                for o in objectives for s in range(seeds))
     rows[cell.name] = {"info": cell.info, "finished": True, "runs_in": cell.runs_in,
                        "paired_with": (cell.pair_with or cell.name) if ce else None,
@@ -231,7 +232,7 @@ def summarize(out: epath.Path, all_cells: list[Cell], seeds: int) -> dict[str, A
 def _identity(path: epath.Path, objective: str) -> dict[str, Any] | None:
   """The config identity of an objective's runs in a cell (seed 0's)."""
   try:
-    return json.loads((compare.run_dir(path, objective, 0) / "identity.json")
+    return json.loads((workdir_lib.run_dir(path, objective, 0) / "identity.json")
                       .read_text())
   except (OSError, ValueError):
     return None
@@ -259,136 +260,7 @@ def _holm_over_study(rows: dict[str, Any]) -> None:
 def _run_wall_time(run: epath.Path) -> float:
   """A run's share of wall time: seeds trained together (vmapped) each
   record the group's time, which counts once."""
-  summary = json.loads((run / "summary.json").read_text())
+  summary = workdir_lib.read_summary(run)
   return summary["wall_time_s"] / len(summary.get("trained_with_seeds", [0]))
 
 
-_COLUMNS = (("test_accuracy", "test acc. (%)"), ("knn/pre_logits", "kNN (%)"),
-            ("probe/pre_logits", "linear probe (%)"),
-            ("nc1/pre_logits", "NC1"), ("gini/", "test-set Gini"))
-
-
-def _find(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:
-  if prefix in metrics:
-    return metrics[prefix]
-  keys = sorted(k for k in metrics if k.startswith(prefix))
-  return metrics[keys[0]] if keys else None
-
-
-def _fmt(stats, percent: bool) -> str:
-  if stats is None:
-    return "–"
-  scale, spec = (100.0, ".2f") if percent else (1.0, ".3f")
-  text = f"{scale * stats['mean']:{spec}} ± {scale * stats['std']:{spec}}"
-  if "diff_to_ce_mean" in stats:
-    text += f"; Δ {scale * stats['diff_to_ce_mean']:+{spec}}"
-    if stats["diff_to_ce_ci95"] is not None:
-      lo, hi = stats["diff_to_ce_ci95"]
-      text += f" [{scale * lo:+{spec}}, {scale * hi:+{spec}}]"
-  if stats.get("p_holm") is not None:
-    text += f", p_Holm {stats['p_holm']:.3f}"
-  return text
-
-
-def markdown(results: dict[str, Any]) -> str:
-  lines = ["| cell | objective | " + " | ".join(c for _, c in _COLUMNS)
-           + " | cell wall time |", "|---" * (len(_COLUMNS) + 3) + "|"]
-  for name, cell in results["cells"].items():
-    if not cell["finished"]:
-      lines.append(f"| {name} | (not finished) |" + " |" * (len(_COLUMNS) + 1))
-      continue
-    for i, (objective, row) in enumerate(cell["objectives"].items()):
-      cols = [_fmt(_find(row["metrics"], key), key in ("test_accuracy", "knn/pre_logits",
-                                                        "probe/pre_logits"))
-              for key, _ in _COLUMNS]
-      wall = "" if i else (f"{cell['wall_time_s'] / 60:.0f} min"
-                           if cell.get("runs_in", name) == name
-                           else f"runs of {cell['runs_in']}")
-      lines.append(f"| {name} | {config_lib.objective_name(objective)} | "
-                   + " | ".join(cols) + f" | {wall} |")
-  lines += ["", f"{results['seeds']} seeds per objective and cell; mean ± std "
-            "over seeds; Δ: paired difference to CE over the same seeds with "
-            "its 95% t-interval (knob cells: CE of their regime's scarcity "
-            "cell); p_Holm: the t-test's p-value, Holm-corrected over every "
-            "comparison of test accuracy with CE in this study. "
-            "Representation metrics on pre_logits; test-set Gini on "
-            "the (first) loss layer. Wall time: the sum of the cell's runs."]
-  warning = stats_lib.caveat(results["seeds"], None)
-  if warning:
-    lines += ["", f"**{warning}**"]
-  return "\n".join(lines) + "\n"
-
-
-def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  paths = []
-  cells_ = {k: v for k, v in results["cells"].items() if v["finished"]}
-  scarcity = {k: v for k, v in cells_.items() if v["info"].get("per_class")}
-  if scarcity:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    objectives = list(next(iter(scarcity.values()))["objectives"])
-    colors = {o: f"C{i}" for i, o in enumerate(objectives)}
-    for o in objectives:
-      xs, means, errs, dxs, diffs, lo, hi = [], [], [], [], [], [], []
-      for cell in scarcity.values():
-        if o not in cell["objectives"]:
-          continue
-        stats = cell["objectives"][o]["metrics"]["test_accuracy"]
-        n = cell["info"]["per_class"]
-        xs.append(n)
-        means.append(100 * stats["mean"])
-        errs.append(100 * stats["std"])
-        if stats.get("diff_to_ce_ci95"):
-          dxs.append(n)
-          diffs.append(100 * stats["diff_to_ce_mean"])
-          lo.append(100 * (stats["diff_to_ce_mean"] - stats["diff_to_ce_ci95"][0]))
-          hi.append(100 * (stats["diff_to_ce_ci95"][1] - stats["diff_to_ce_mean"]))
-      name = config_lib.objective_name(o)
-      order = np.argsort(xs)
-      axes[0].errorbar(np.array(xs)[order], np.array(means)[order],
-                       yerr=np.array(errs)[order], marker="o", capsize=3,
-                       label=name, color=colors[o])
-      if dxs:
-        order = np.argsort(dxs)
-        axes[1].errorbar(np.array(dxs)[order], np.array(diffs)[order],
-                         yerr=[np.array(lo)[order], np.array(hi)[order]],
-                         marker="o", capsize=3, label=name, color=colors[o])
-    for ax in axes:
-      ax.set_xscale("log")
-      ax.set_xlabel("training images per class (base config: its subset / classes)")
-    axes[0].set(ylabel="test accuracy (%)", title="mean ± std over seeds")
-    axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set(ylabel="Δ test accuracy vs CE (points)",
-                title="paired difference, 95% t-interval")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "scarcity.png")
-    compare.save_figure(fig, paths[-1])
-    plt.close(fig)
-  grid = {(v["info"]["lambda_gini"], v["info"]["lambda_kl"]): v
-          for v in cells_.values() if "lambda_gini" in v["info"]}
-  if grid:
-    matrix = np.full((len(LAMBDAS), len(LAMBDAS)), np.nan)
-    for (g, k), cell in grid.items():
-      stats = cell["objectives"]["gini_kl"]["metrics"]["test_accuracy"]
-      if "diff_to_ce_mean" in stats:
-        matrix[LAMBDAS.index(g), LAMBDAS.index(k)] = 100 * stats["diff_to_ce_mean"]
-    fig, ax = plt.subplots(figsize=(4.5, 3.8))
-    bound = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
-    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="lightgrey")  # not run
-    im = ax.imshow(matrix, cmap=cmap, vmin=-bound, vmax=bound, origin="lower")
-    for (i, j), value in np.ndenumerate(matrix):
-      ax.text(j, i, "not run" if np.isnan(value) else f"{value:+.2f}",
-              ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(LAMBDAS)), [f"{x:g}" for x in LAMBDAS])
-    ax.set_yticks(range(len(LAMBDAS)), [f"{x:g}" for x in LAMBDAS])
-    ax.set(xlabel="lambda_kl", ylabel="lambda_gini",
-           title="Δ test accuracy vs CE (points)")
-    fig.colorbar(im)
-    fig.tight_layout()
-    paths.append(out / "lambda.png")
-    compare.save_figure(fig, paths[-1])
-    plt.close(fig)
-  return paths

@@ -106,7 +106,10 @@ def _stale(path: epath.Path, holder: dict[str, Any] | None) -> bool:
     return True
 
 
-def _acquire(workdir: epath.Path) -> None:
+def acquire(workdir: epath.Path) -> None:
+  """Creates ``workdir/.lock`` for this process, taking over a stale one;
+  :class:`WorkdirBusy` if a live process holds it. Not re-entrant: use
+  :func:`locked`, which calls it once per process."""
   path = workdir / LOCK
   record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
@@ -156,7 +159,7 @@ def locked(workdir):
   with _held_guard:
     first = workdir not in _held
     if first:
-      _acquire(workdir)
+      acquire(workdir)
     _held[workdir] = _held.get(workdir, 0) + 1
   stop = threading.Event()
   refresher = None
@@ -342,14 +345,14 @@ def check_finite(history: list[dict[str, float]], first_step: int,
             "lower --config.optimizer.lr or the loss weights, then rerun")
 
 
-def checkpoint_manager(config, workdir: epath.Path) -> ocp.CheckpointManager:
-  """Keeps the latest ``config.keep_checkpoints`` and the best by validation
-  accuracy."""
+def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
+  """Keeps the latest ``keep`` checkpoints (``config.keep_checkpoints``) and
+  the best by validation accuracy."""
   best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
   options = ocp.CheckpointManagerOptions(
       best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
       preservation_policy=checkpoint_managers.AnyPreservationPolicy([
-          checkpoint_managers.LatestN(n=config.keep_checkpoints),
+          checkpoint_managers.LatestN(n=keep),
           checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
       ]),
       cleanup_tmp_directories=True)
@@ -370,7 +373,7 @@ def restore(manager, step: int, abstract_state, workdir: epath.Path):
     ) from None
 
 
-def restore_latest(config, workdir: epath.Path, abstract_state):
+def restore_latest(keep: int, workdir: epath.Path, abstract_state):
   """``(manager, step, state)`` from the newest readable checkpoint, or
   ``(manager, None, None)`` when the workdir has none.
 
@@ -386,7 +389,7 @@ def restore_latest(config, workdir: epath.Path, abstract_state):
     raise RuntimeError(  # before orbax starts any background work
         f"no readable checkpoint in {saved}; unreadable ones were moved to "
         f"{aside_dir}; nothing was deleted; use a new --workdir to start again")
-  manager = checkpoint_manager(config, workdir)
+  manager = checkpoint_manager(keep, workdir)
   skipped = []
   while manager.latest_step() is not None:
     step = manager.latest_step()
@@ -440,6 +443,35 @@ def load_interval(workdir: epath.Path, step: int) -> tuple[int, list[dict[str, f
 
 
 _THROUGHPUT = "train_throughput.json"
+def run_dir(root: epath.Path, objective: str, seed: int) -> epath.Path:
+  """Where the harness (compare, study) keeps one run: ``ROOT/OBJECTIVE/seedN``."""
+  return epath.Path(root) / objective / f"seed{seed}"
+
+
+# A finished run's record: test accuracy, best validation step, wall time...
+SUMMARY = "summary.json"
+
+
+def write_summary(workdir: epath.Path, summary: dict[str, Any]) -> None:
+  """Writes a finished run's :data:`SUMMARY` (strict JSON)."""
+  _write_new(workdir / SUMMARY, json.dumps(
+      summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_summary(workdir: epath.Path) -> dict[str, Any]:
+  """A finished run's :data:`SUMMARY`; a one-line error if torn."""
+  return read_json(workdir / SUMMARY)
+
+
+def finished(workdir: epath.Path) -> bool:
+  """A run with a readable :data:`SUMMARY` (a torn one is rewritten by
+  running the command again: the run restores its last checkpoint and
+  only tests)."""
+  try:
+    json.loads((workdir / SUMMARY).read_text())
+  except (OSError, ValueError):
+    return False
+  return True
 
 
 def save_throughput(workdir: epath.Path, images_per_s: float | None) -> None:
@@ -453,7 +485,7 @@ def save_throughput(workdir: epath.Path, images_per_s: float | None) -> None:
 def load_throughput(workdir: epath.Path) -> float | None:
   """The training images/s of :func:`save_throughput`, else that of an
   earlier ``summary.json`` (runs from before the file existed), or None."""
-  for name in (_THROUGHPUT, "summary.json"):
+  for name in (_THROUGHPUT, SUMMARY):
     try:
       return json.loads((workdir / name).read_text())["train_images_per_s"]
     except (OSError, ValueError, KeyError):

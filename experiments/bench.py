@@ -32,8 +32,8 @@ with 100 classes (the CIFAR-100 shape), so the ratios are side by side:
   momentum, CIFAR stem), in a child process whose steps take their turn in
   the JAX ResNet-18 rounds: the JAX/PyTorch ratio.
 
-The JAX steps are the training app's own (``steps.build``, through
-``benchmarking.app_trainer``: the step ``train_and_evaluate`` runs), so they
+The JAX steps are the training app's own (``runtime.build``, through
+``benchmarking.app_program``: the step ``train_and_evaluate`` runs), so they
 use the config's defaults, ``xla_cpu_ynn_fusion="dot,reduce"`` and
 ``xla_cpu_fusion_barriers=True`` included. ``experiments/bench_convs.py``
 times each convolution alone.
@@ -103,8 +103,8 @@ LEVERS = {
 }
 
 
-def _model_gflop(trainer):
-  """XLA's FLOP count of ``trainer``'s train step before backend fusions, in
+def _model_gflop(program):
+  """XLA's FLOP count of ``program``'s train step before backend fusions, in
   GFLOP.
 
   Counted on the step lowered for one CPU device, whatever the benchmark runs
@@ -112,11 +112,11 @@ def _model_gflop(trainer):
   (after it, convolutions run as cuDNN calls that it does not count).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from discrim_jax import steps  # pylint: disable=g-import-not-at-top
-  cpu = steps.build(trainer.config, dataset=trainer.dataset,
+  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
+  cpu = runtime.build(program.spec.config, dataset=program.dataset,
                     devices=jax.devices("cpu")[:1])
   abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                cpu.dataset.batch(cpu.config.batch_size))
+                                cpu.dataset.batch(cpu.spec.batch_size))
   lowered = cpu.train_step.lower(cpu.abstract_state, abstract_batch)
   return lowered.cost_analysis()["flops"] / 1e9
 
@@ -126,24 +126,27 @@ def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
 
   ``others``: more steps (name -> function) timed in the same rounds.
   ``vmap_seeds``: also the CE+Gini+KL step of that many seeds under
-  ``jax.vmap`` (the app's ``replica_train_step``), in the same rounds.
+  ``jax.vmap`` (``seed_groups.VmappedSeeds``, as ``--vmap_seeds`` trains), in the same rounds.
   """
   import jax  # pylint: disable=g-import-not-at-top
   out, steps = {}, {}
   for name, with_losses in (("ce_only", False), ("ce_gini_kl", True)):
-    trainer = benchmarking.app_trainer(model, batch, dtype, with_losses)
-    state = trainer.init_state(0)
-    images = benchmarking.app_batch(trainer)
-    executable, compile_s = benchmarking.compiled(trainer.train_step, state, images)
+    program = benchmarking.app_program(model, batch, dtype, with_losses)
+    state = program.init_state(0)
+    images = benchmarking.app_batch(program)
+    executable, compile_s = benchmarking.compiled(program.train_step, state, images)
     steps[name] = benchmarking.stepper(executable, state, images)
     out[name] = {"train_compile_s": compile_s,
-                 "train_gflop_per_step": _model_gflop(trainer)}
+                 "train_gflop_per_step": _model_gflop(program)}
   if vmap_seeds:
-    states = trainer.stack(*[trainer.init_state(s) for s in range(vmap_seeds)])
-    images = benchmarking.app_batch(trainer, seeds=vmap_seeds)
-    executable, compile_s = benchmarking.compiled(trainer.replica_train_step,
-                                                  states, images)
-    steps["vmapped"] = benchmarking.stepper(executable, states, images)
+    from discrim_jax import seed_groups  # pylint: disable=g-import-not-at-top
+    group = seed_groups.VmappedSeeds(
+        program, list(range(vmap_seeds)),
+        [program.init_state(s) for s in range(vmap_seeds)])
+    images = benchmarking.app_batch(program, seeds=vmap_seeds)
+    executable, compile_s = benchmarking.compiled(group.train_step,
+                                                  group.state, images)
+    steps["vmapped"] = benchmarking.stepper(executable, group.state, images)
     out["vmapped"] = {"seeds": vmap_seeds, "train_compile_s": compile_s}
   rates = benchmarking.interleaved_rates({**steps, **(others or {})}, batch, timing)
   for name, rate in rates.items():
@@ -154,9 +157,9 @@ def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
     out["vmapped"]["per_seed_vs_single"] = (
         out["vmapped"]["train_images_per_s"] / vmap_seeds
         / out["ce_gini_kl"]["train_images_per_s"])
-  state = trainer.init_state(0)
-  eval_batch = benchmarking.app_batch(trainer)
-  executable, out["eval_compile_s"] = benchmarking.compiled(trainer.eval_step, state, eval_batch)
+  state = program.init_state(0)
+  eval_batch = benchmarking.app_batch(program)
+  executable, out["eval_compile_s"] = benchmarking.compiled(program.eval_step, state, eval_batch)
 
   def evaluate():
     jax.block_until_ready(executable(state, eval_batch))
@@ -174,21 +177,21 @@ def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
 
 def bench_levers(model, batch, timing):
   """The model's CE step under each of ``LEVERS``, timed side by side."""
-  lowered, trainers, images = {}, {}, {}
+  lowered, programs, images = {}, {}, {}
   for barriers in (False, True):
-    trainers[barriers] = benchmarking.app_trainer(
+    programs[barriers] = benchmarking.app_program(
         model, batch, "float32", False, xla_cpu_ynn_fusion="",
         xla_cpu_fusion_barriers=barriers)
-    state = trainers[barriers].init_state(0)
-    images[barriers] = benchmarking.app_batch(trainers[barriers])
-    lowered[barriers] = trainers[barriers].train_step.lower(
+    state = programs[barriers].init_state(0)
+    images[barriers] = benchmarking.app_batch(programs[barriers])
+    lowered[barriers] = programs[barriers].train_step.lower(
         state, images[barriers])
   steps, compile_s = {}, {}
   for name, (barriers, options) in LEVERS.items():
     executable, compile_s[name] = benchmarking.compile_lowered(
         lowered[barriers], options)
     # Each executable donates its input state: give each its own copy.
-    steps[name] = benchmarking.stepper(executable, trainers[barriers].init_state(0),
+    steps[name] = benchmarking.stepper(executable, programs[barriers].init_state(0),
                            images[barriers])
   rates = benchmarking.interleaved_rates(steps, batch, timing)
   base = rates["XLA defaults"]

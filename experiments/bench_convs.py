@@ -46,9 +46,9 @@ def bench_convs(model, batch, timing, with_torch):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from discrim_jax import run_spec  # pylint: disable=g-import-not-at-top
   config, layers = benchmarking.conv_layers(model, batch)
-  options = config_lib.compiler_options(config, jax.devices()[0].platform)
+  options = run_spec.compiler_options(config, jax.devices()[0].platform)
   rows = []
   for i, (conv, shape, count) in enumerate(layers):
     rng = np.random.default_rng(i)

@@ -107,7 +107,7 @@ def _train_step_rates() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from discrim_jax import benchmarking  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
-  from discrim_jax import data, steps  # pylint: disable=g-import-not-at-top
+  from discrim_jax import data, runtime  # pylint: disable=g-import-not-at-top
   rates = {}
   for name, width, shape, batch in (
       ("resnet18 full width, 32x32x3, batch 128", 1.0, (32, 32, 3), 128),
@@ -115,17 +115,17 @@ def _train_step_rates() -> dict:
     config = benchmarking.app_config("resnet18", batch, "float32", True)
     config.model_kwargs.width_multiplier = width
     config.loss.layers = ("stage4",)
-    trainer = steps.build(config, dataset=SyntheticDataset(
+    program = runtime.build(config, dataset=SyntheticDataset(
         num_classes=100, image_shape=shape, num_examples=batch))
     batch_arrays = data.to_global_batch(
-        trainer.dataset.batch(batch), trainer.batch_sharding)
-    state = trainer.init_state(0)
+        program.dataset.batch(batch), program.batch_sharding)
+    state = program.init_state(0)
     for _ in range(2):  # compile and warm up
-      state, metrics = trainer.train_step(state, batch_arrays)
+      state, metrics = program.train_step(state, batch_arrays)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(_STEP_STEPS.value):
-      state, metrics = trainer.train_step(state, batch_arrays)
+      state, metrics = program.train_step(state, batch_arrays)
     jax.block_until_ready(metrics)
     rates[name] = _STEP_STEPS.value * batch / (time.perf_counter() - start)
   return rates

@@ -36,7 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from discrim_jax import compare  # pylint: disable=g-import-not-at-top
+  from discrim_jax import compare, report  # pylint: disable=g-import-not-at-top
   from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
   if run_with_one_line_errors(lambda: cli.dry_run(
       f"compare {_OBJECTIVES.value} over {_SEEDS.value} seeds",
@@ -51,7 +51,7 @@ def main(argv):
           seeds=_SEEDS.value, vmap_seeds=_VMAP_SEEDS.value)
 
   results = run_with_one_line_errors(run)
-  print(compare.markdown_table(results))
+  print(report.markdown_table(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 
 

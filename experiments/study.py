@@ -47,7 +47,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from discrim_jax import study  # pylint: disable=g-import-not-at-top
+  from discrim_jax import report, study  # pylint: disable=g-import-not-at-top
   if run_with_one_line_errors(lambda: cli.dry_run(
       f"study {_STUDY.value}", [c.config for c in study.cells(
           _STUDY.value, _CONFIG.value, 10, regime=_REGIME.value,
@@ -62,7 +62,7 @@ def main(argv):
           vmap_seeds=_VMAP_SEEDS.value, steps=_STEPS.value)
 
   results = run_with_one_line_errors(run)
-  print(study.markdown(results))
+  print(report.study_markdown(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
 
 

@@ -100,3 +100,19 @@ jax.config.update("jax_compilation_cache_dir",
 # Every program, however quick to compile: the suite builds the same small
 # steps many times, and a cache hit is cheaper than even a 0.2 s compile.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _corrupt(step_dir, kind: str):
+  """Overwrites the files of one kind in a checkpoint folder; returns them.
+  ``kind``: part of the file name, or ``data`` for the array chunks."""
+  hit = [p for p in step_dir.rglob("*") if p.is_file() and (
+      p.parent.name == "d" if kind == "data" else kind in p.name)]
+  for path in hit:
+    path.write_bytes(b"corrupt")
+  return hit
+
+
+@pytest.fixture(name="corrupt_checkpoint")
+def corrupt_checkpoint_fixture():
+  """``corrupt_checkpoint(step_dir, kind)``: see :func:`_corrupt`."""
+  return _corrupt

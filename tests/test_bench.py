@@ -16,7 +16,8 @@ import torch
 
 from discrim_jax import benchmarking
 from discrim_jax import config_lib
-from discrim_jax import steps
+from discrim_jax import runtime
+from discrim_jax import run_spec
 from discrim_jax import torch_reference
 
 FLOAT32_RTOL = 2e4 * 2.0**-24
@@ -47,7 +48,7 @@ def test_jax_and_torch_ops_compute_the_same_gradients(conv, x64):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 16, 16, 4 if conv.feature_group_count > 1 else 3))
   x = x.astype(dtype)
-  options = config_lib.compiler_options(config_lib.base_config(), "cpu")
+  options = run_spec.compiler_options(config_lib.base_config(), "cpu")
   with jax.enable_x64(x64):
     conv = conv.clone(dtype=dtype, param_dtype=dtype)
     params = conv.init(jax.random.key(0), x)["params"]
@@ -83,13 +84,13 @@ def test_timing_alternates_and_takes_own_durations():
 
 
 def test_benchmark_times_the_apps_own_step():
-  trainer = benchmarking.app_trainer("resnet18", 8, "float32", True,
+  program = benchmarking.app_program("resnet18", 8, "float32", True,
                                      num_devices=1)
-  assert isinstance(trainer, steps.Trainer)
+  assert isinstance(program, runtime.Program)
   # The step a run trains with: the config's loss layer and XLA options.
-  assert trainer.config.loss.layers == ("stage4",)
-  assert trainer.config.xla_cpu_fusion_barriers is True
-  stacked = benchmarking.app_batch(trainer, seeds=2)
+  assert program.spec.config.loss.layers == ("stage4",)
+  assert program.spec.config.xla_cpu_fusion_barriers is True
+  stacked = benchmarking.app_batch(program, seeds=2)
   assert stacked["image"].shape == (2, 8, 32, 32, 3)
 
 

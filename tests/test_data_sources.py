@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from discrim_jax import config_lib
 from discrim_jax import data
-from discrim_jax import steps
+from discrim_jax import run_spec
 from discrim_jax import train
 from discrim_jax.data import folder as folder_lib
 from discrim_jax.data import tfds_access
@@ -60,7 +60,7 @@ def test_own_validation_split_and_images_of_any_size_cropped():
                                           "validation": "train[20:30]"})
     assert named.image_shape == (28, 28, 1)
     # (mock_data serves any split name; the plan is what a real run reads.)
-    assert named._plan() == {"train": "train[:20]", "validation": "train[20:30]",
+    assert named.split_plan() == {"train": "train[:20]", "validation": "train[20:30]",
                              "test": "test"}
 
 
@@ -95,7 +95,7 @@ def test_holdout_parsing(text, fields):
 @pytest.mark.parametrize("text", ["-3", "1.5", "x/class", "ten"])
 def test_bad_holdout_is_a_config_error(text, smoke_config):
   with pytest.raises(config_lib.ConfigError, match=rf"hold-out '{text}'.*validation_holdout"):
-    config_lib.validate_config(smoke_config(validation_holdout=text), 1)
+    run_spec.resolve(smoke_config(validation_holdout=text), 1)
 
 
 def test_unknown_name_says_what_names_work():
@@ -293,7 +293,7 @@ it = make_iterator(ds, "train", 128, train=True, seed=0, process_index=0,
 for _ in range(60):
   next(it)
 after = int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read())[1])
-assert sum(v.nbytes for v in ds._index.values()) <= 16 * n
+assert ds.index_bytes() <= 16 * n
 print(n, before // 1024, after // 1024)
 """
 

@@ -14,6 +14,7 @@ import pytest
 
 from discrim_jax import pretrained
 from discrim_jax import train
+from discrim_jax import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 _SMOKE = ["--config=experiments/configs/fashion_mnist.py:smoke",
@@ -37,7 +38,10 @@ def whole_fixture(fashion, tmp_path, smoke_config, read_metrics):
   return read_metrics(tmp_path / "whole")
 
 
-@pytest.mark.parametrize("phase", ["_restore_or_init", "last_step", "_test_best"])
+# Each phase entered through the public function it starts with: restoring
+# (or initialising) the state, the last step, and the test's restore of the
+# best checkpoint.
+@pytest.mark.parametrize("phase", ["restore_latest", "last_step", "restore"])
 def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
     phase, whole, fashion, tmp_path, smoke_config, read_metrics, monkeypatch):
   config = smoke_config()
@@ -47,14 +51,14 @@ def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
                                                                   signal.SIGTERM)
     where = "at step 10 of 10"
   else:
-    original = getattr(train, phase)
+    original = getattr(workdir_lib, phase)
 
     def signalled(*args):
       os.kill(os.getpid(), signal.SIGTERM)
       return original(*args)
-    monkeypatch.setattr(train, phase, signalled)
-    where = {"_restore_or_init": "before training started",
-             "_test_best": "during the test"}[phase]
+    monkeypatch.setattr(workdir_lib, phase, signalled)
+    where = {"restore_latest": "before training started",
+             "restore": "during the test"}[phase]
   run = tmp_path / "cut"
   with pytest.raises(train.Preempted, match=f"SIGTERM {where}"):
     train.train_and_evaluate(config, str(run), dataset=fashion, **kwargs)
@@ -62,7 +66,7 @@ def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
   monkeypatch.undo()
   summary = train.train_and_evaluate(config, str(run), dataset=fashion)
   assert read_metrics(run) == whole
-  if phase != "_restore_or_init":  # trained before the stop: its rate is kept
+  if phase != "restore_latest":  # trained before the stop: its rate is kept
     assert summary["train_images_per_s"] is not None
 
 

@@ -10,7 +10,11 @@ import pytest
 from discrim_jax import baseline_losses
 from discrim_jax import config_lib
 from discrim_jax import representation
-from discrim_jax import steps
+from discrim_jax import runtime
+from discrim_jax import step_fns
+from discrim_jax import optim
+from discrim_jax import run_spec
+from discrim_jax import evaluation
 from discrim_jax import train
 from discrim_jax.data.synthetic import SyntheticDataset
 
@@ -33,14 +37,14 @@ def test_objective_names_and_terms():
 ])
 def test_baseline_config_errors(field, value, match, smoke_config):
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate_config(smoke_config(objective="center", **{field: value}), 1)
+    run_spec.resolve(smoke_config(objective="center", **{field: value}), 1)
 
 
 def test_missing_baseline_layer_fails_before_anything_is_built(smoke_config):
   config = smoke_config(objective="opl", **{"baseline.opl.layer": "stage7"})
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.baseline.opl.layer names \['stage7'\].*pre_logits"):
-    steps.build(config, dataset=SyntheticDataset(**_DATA))
+    runtime.build(config, dataset=SyntheticDataset(**_DATA))
 
 
 def test_identity_holds_only_the_baselines_an_objective_uses(smoke_config):
@@ -60,11 +64,11 @@ def test_identity_holds_only_the_baselines_an_objective_uses(smoke_config):
       objective="center", **{"baseline.center.lr": 0.1})) != center
 
 
-def _step_inputs(trainer, state):
+def _step_inputs(program, state):
   """The batch of the first step and the features the step computes."""
-  batch = next(trainer.batches("train", train=True))
-  (_, features), _ = trainer.model.apply(
-      {"params": steps.model_params(state.params),
+  batch = next(program.batches("train", train=True))
+  (_, features), _ = program.model.apply(
+      {"params": step_fns.model_params(state.params),
        "batch_stats": state.batch_stats}, batch["image"], train=True,
       rngs={"dropout": jax.random.fold_in(state.rng, 0)}, mutable=["batch_stats"])
   return batch, features
@@ -79,17 +83,17 @@ def test_center_loss_centres_move_by_sgd_at_their_own_rate(smoke_config):
       "loss.start_epoch": 0.0, "model_kwargs.dtype": "float64",
       "baseline.center.weight": 0.01, "baseline.center.lr": 0.3})
   with jax.enable_x64(True):
-    trainer = steps.build(config, dataset=SyntheticDataset(**_DATA))
-    state = trainer.init_state(0)
-    centers = np.asarray(state.params[steps.AUX]["centers"])
+    program = runtime.build(config, dataset=SyntheticDataset(**_DATA))
+    state = program.init_state(0)
+    centers = np.asarray(state.params[optim.AUX]["centers"])
     assert centers.shape == (10, 64) and centers.dtype == np.float64
-    batch, features = _step_inputs(trainer, state)
+    batch, features = _step_inputs(program, state)
     loss, grad = jax.value_and_grad(baseline_losses.center_loss, argnums=2)(
         features["pre_logits"], batch["label"], centers)
-    new_state, metrics = trainer.train_step(state, batch)
+    new_state, metrics = program.train_step(state, batch)
     # float64: the step applies scale(1/w), the SGD update and the weight
     # (w * grad / w) in a few float64 operations: ~1e-15 relative.
-    np.testing.assert_allclose(new_state.params[steps.AUX]["centers"],
+    np.testing.assert_allclose(new_state.params[optim.AUX]["centers"],
                                centers - 0.3 * np.asarray(grad), rtol=1e-12,
                                atol=1e-14)
     assert float(metrics["center"]) == pytest.approx(float(loss), rel=1e-12)
@@ -100,36 +104,36 @@ def test_supcon_head_is_trained_and_inference_does_not_use_it(smoke_config):
   dataset = SyntheticDataset(**_DATA)
   config = smoke_config(objective="supcon", batch_size=16, eval_batch_size=16,
                         **{"loss.start_epoch": 0.0})
-  trainer = steps.build(config, dataset=dataset)
-  state = trainer.init_state(0)
-  head = jax.device_get(state.params[steps.AUX]["projection"])
+  program = runtime.build(config, dataset=dataset)
+  state = program.init_state(0)
+  head = jax.device_get(state.params[optim.AUX]["projection"])
   assert head["out"]["kernel"].shape == (64, 128)
-  batch = next(trainer.batches("train", train=True))
-  state, metrics = trainer.train_step(state, batch)
+  batch = next(program.batches("train", train=True))
+  state, metrics = program.train_step(state, batch)
   assert float(metrics["supcon"]) > 0
-  moved = jax.device_get(state.params[steps.AUX]["projection"])
+  moved = jax.device_get(state.params[optim.AUX]["projection"])
   assert not np.allclose(moved["out"]["kernel"], head["out"]["kernel"])
   # The model's own parameters are exactly a CE model's, and a CE model
-  # holding them evaluates exactly as the SupCon trainer does.
-  ce = steps.build(smoke_config(objective="ce", batch_size=16, eval_batch_size=16),
+  # holding them evaluates exactly as the SupCon program does.
+  ce = runtime.build(smoke_config(objective="ce", batch_size=16, eval_batch_size=16),
                    dataset=dataset)
   ce_state = ce.init_state(0)
-  mine = steps.model_params(state.params)
+  mine = step_fns.model_params(state.params)
   assert jax.tree.structure(mine) == jax.tree.structure(ce_state.params)
   ce_state = ce_state.replace(params=mine, batch_stats=state.batch_stats)
-  assert (jax.device_get(ce.evaluate(ce_state, "test"))
-          == jax.device_get(trainer.evaluate(state, "test")))
+  assert (jax.device_get(evaluation.evaluate(ce, ce_state, "test"))
+          == jax.device_get(evaluation.evaluate(program, state, "test")))
 
 
 def test_features_are_the_unaugmented_split_in_order(fashion, smoke_config):
-  trainer = steps.build(smoke_config(), dataset=fashion)
-  state = trainer.init_state(0)
-  metrics, features, labels = trainer.features(state, "train", max_examples=100)
+  program = runtime.build(smoke_config(), dataset=fashion)
+  state = program.init_state(0)
+  metrics, features, labels = evaluation.features(program, state, "train", max_examples=100)
   assert metrics is None  # not the whole split
   assert set(features) == {"pre_logits", "stage4"}
   images, expected = fashion.arrays("train")
   np.testing.assert_array_equal(labels, expected[:100])
-  _, direct = trainer.model.apply(
+  _, direct = program.model.apply(
       {"params": state.params, "batch_stats": state.batch_stats},
       images[:100].astype(np.float32) / 255.0, train=False)
   # Two XLA programs (batch 100 here, the eval batch there) block their
@@ -153,14 +157,14 @@ def test_run_reports_representation_metrics(fashion, tmp_path, smoke_config,
   assert summary["nc1/pre_logits"] > 0 and summary["gini/stage4"] > 0
   assert summary["representation_time_s"] > 0
   # The values are those of the best-validation checkpoint's features.
-  trainer = steps.build(config, dataset=fashion)
+  program = runtime.build(config, dataset=fashion)
   from discrim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   manager, step, state = workdir_lib.restore_latest(
-      config, tmp_path, trainer.abstract_state)
+      config, tmp_path, program.abstract_state)
   manager.close()
   assert step == summary["best_validation_step"]
-  _, train_f, train_y = trainer.features(state, "train")
-  (test, _), test_f, test_y = trainer.features(state, "test")
+  _, train_f, train_y = evaluation.features(program, state, "train")
+  (test, _), test_f, test_y = evaluation.features(program, state, "test")
   assert test["accuracy"] == summary["test_accuracy"]
   assert summary["knn/pre_logits"] == representation.knn_accuracy(
       train_f["pre_logits"], train_y, test_f["pre_logits"], test_y,

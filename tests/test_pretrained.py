@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from discrim_jax import models, pretrained
+from discrim_jax import runtime
 
 try:
   import torch
@@ -178,7 +179,7 @@ def test_convert_cli_and_training_from_it(tmp_path, smoke_config):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from discrim_jax import steps, train  # pylint: disable=g-import-not-at-top
+  from discrim_jax import runtime, train  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
 
   reference = torchvision.models.resnet18(weights=None)
@@ -200,9 +201,10 @@ def test_convert_cli_and_training_from_it(tmp_path, smoke_config):
   config.unlock()
   config.model_kwargs.stem = "imagenet"
   config.init_from = str(out)
-  trainer = steps.build(config, dataset=SyntheticDataset(num_classes=7,
+  program = runtime.build(config, dataset=SyntheticDataset(num_classes=7,
                                                          image_shape=(64, 64, 3)))
-  state = train._load_pretrained(trainer, trainer.init_state(0))  # pylint: disable=protected-access
+  state = pretrained.into_state(config.init_from, config.model,
+                                program.init_state(0), program.state_sharding)
   np.testing.assert_allclose(
       np.asarray(state.params["stage2_block1"]["conv1"]["kernel"]),
       reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))

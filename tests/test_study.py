@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from discrim_jax import data
+from discrim_jax import report
 from discrim_jax import study
 from discrim_jax.config_lib import ConfigError
 
@@ -108,5 +109,5 @@ def test_lambda_heatmap_draws_finished_and_unfinished_cells(tmp_path):
       "done": {"finished": True, "info": {"lambda_gini": 0.5, "lambda_kl": 2.0},
                "objectives": {"gini_kl": {"metrics": {"test_accuracy": diff}}}},
       "missing": {"finished": False, "info": {"lambda_gini": 2.0, "lambda_kl": 0.1}}}}
-  paths = study.plot(tmp_path, results)
+  paths = report.plot_study(tmp_path, results, study.LAMBDAS)
   assert [p.name for p in paths] == ["lambda.png"] and paths[0].stat().st_size > 0

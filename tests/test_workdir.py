@@ -13,6 +13,7 @@ import pytest
 
 from discrim_jax import compare
 from discrim_jax import config_lib
+from discrim_jax import report
 from discrim_jax import train
 from discrim_jax import workdir as workdir_lib
 from discrim_jax.config_lib import ConfigError
@@ -107,7 +108,7 @@ def test_torn_files_heal_or_name_themselves(fashion, tmp_path, smoke_config,
   config = smoke_config(num_epochs=1)
   results = compare.run_comparison(config, str(tmp_path), objectives=("ce",),
                                    seeds=1, dataset=fashion)
-  run = compare.run_dir(tmp_path, "ce", 0)
+  run = workdir_lib.run_dir(tmp_path, "ce", 0)
   records = read_metrics(run)
   # A crash mid-append: the torn last line is dropped, the run completes.
   with (run / "metrics.jsonl").open("a") as f:
@@ -184,7 +185,7 @@ def test_workdir_files_on_an_object_store_path(tmp_path, monkeypatch, smoke_conf
       assert not workdir_lib.is_local(run) and type(run).__name__ != "PosixPath"
       assert (tmp_path / "bucket" / "run" / ".lock").exists()
       with pytest.raises(workdir_lib.WorkdirBusy):  # another process's view
-        workdir_lib._acquire(run)  # pylint: disable=protected-access
+        workdir_lib.acquire(run)
       workdir_lib.write_config(config, run)
       workdir_lib.check_config(config, run)
       with pytest.raises(ConfigError, match="batch_size"):
@@ -198,9 +199,9 @@ def test_workdir_files_on_an_object_store_path(tmp_path, monkeypatch, smoke_conf
       workdir_lib.save_throughput(run, 12.5)
       assert workdir_lib.load_throughput(run) == 12.5
       fig = plt.figure()
-      compare.save_figure(fig, run / "plot.png")
+      report.save_figure(fig, run / "plot.png")
       plt.close(fig)
-      assert compare.finished(run) is False
+      assert workdir_lib.finished(run) is False
     assert not (tmp_path / "bucket" / "run" / ".lock").exists()
   on_disk = {p.name for p in (tmp_path / "bucket" / "run").iterdir()}
   assert {"config.json", "identity.json", "metrics.jsonl", "plot.png",

@@ -128,7 +128,9 @@ class Dataset:
 
   # ------------------------------------------------------------------ reading
 
-  def _plan(self) -> dict[str, str | None]:
+  def split_plan(self) -> dict[str, str | None]:
+    """The TFDS split (or slice) each role reads; None for validation when it
+    is held out of train."""
     if self._folder is not None:
       available = list(self._folder.splits)
     else:
@@ -213,7 +215,7 @@ class Dataset:
     """``(source split, indices into it, labels)`` of a split: the hold-out,
     the per-class subset and the example limits, from the labels alone."""
     if split not in self._selections:
-      plan = self._plan()
+      plan = self.split_plan()
       sel = {}
       if split == "test" or plan["validation"] is not None:
         source = plan[split]
@@ -265,7 +267,7 @@ class Dataset:
     return min(n, limit) if limit else n
 
   def _size_from_builder(self, split: str) -> int | None:
-    plan = self._plan()
+    plan = self.split_plan()
     sizes = self._builder.info.splits
     try:
       if split == "test" or plan["validation"] is not None:

@@ -127,6 +127,11 @@ class StreamingDataset:
   def num_examples(self, split: str) -> int:
     return len(self._index[split])
 
+  def index_bytes(self) -> int:
+    """Host memory of the record indices (8 bytes per record; all the
+    reader keeps per record)."""
+    return sum(v.nbytes for v in self._index.values())
+
   def arrays(self, split: str):
     raise TypeError(f"{self.name} streams (config.data_in_memory=False): its "
                     f"{split} split is not held in memory")

@@ -22,7 +22,7 @@ MODELS = {
 }
 
 # float64 needs jax_enable_x64; the training app then keeps the parameters in
-# float64 too (``steps.build``), for tests that show two programs compute the
+# float64 too (``runtime.build``), for tests that show two programs compute the
 # same mathematics where float32 rounding cannot hide a difference.
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float64": jnp.float64}

@@ -8,13 +8,13 @@ Images are resized to image_size (224 by default, ImageNet stem for ResNets);
 resnet18, resnet50, cvt13. Objectives: ce, gini, kl, gini_kl.
 """
 
-from discrim_jax import config_lib as common
+from discrim_jax import config_lib
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model="resnet18", objective="gini_kl",
+  args = config_lib.parse_arg(arg, model="resnet18", objective="gini_kl",
                           image_size=224)
-  c = common.base_config()
+  c = config_lib.base_config()
   c.dataset = "caltech101"
   c.image_size = args.image_size
   c.objective = args.objective
@@ -24,5 +24,5 @@ def get_config(arg=None):
   c.num_epochs = 100
   c.schedule.boundaries_epochs = (30, 60, 80)
   c.loss.start_epoch = 5.0
-  common.model_defaults(c, args.model, image_size=args.image_size)
+  config_lib.model_defaults(c, args.model, image_size=args.image_size)
   return c

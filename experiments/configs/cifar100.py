@@ -8,13 +8,13 @@ Needs the data (TFDS downloads it where there is internet, or
 --config.data_dir=DIR holding a prepared copy).
 """
 
-from discrim_jax import config_lib as common
+from discrim_jax import config_lib
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model="resnet50", objective="gini_kl")
-  c = common.base_config()
+  args = config_lib.parse_arg(arg, model="resnet50", objective="gini_kl")
+  c = config_lib.base_config()
   c.dataset = "cifar100"
   c.objective = args.objective
-  common.model_defaults(c, args.model, image_size=32)
+  config_lib.model_defaults(c, args.model, image_size=32)
   return c

@@ -21,19 +21,19 @@ batch. The recipe: SGD with momentum 0.9 and weight decay 5e-4, cosine from lr
 --config.splits.test='train[90%:]').
 """
 
-from discrim_jax import config_lib as common
+from discrim_jax import config_lib
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, dataset="cifar10", image_size=0,
+  args = config_lib.parse_arg(arg, dataset="cifar10", image_size=0,
                           model="resnet18", width=1.0, objective="gini_kl",
                           epochs=30, batch=128)
-  c = common.base_config()
+  c = config_lib.base_config()
   c.dataset = args.dataset
   c.image_size = args.image_size
   c.objective = args.objective
   # The stem follows the image size (unknown until read when 0: CIFAR's).
-  common.model_defaults(c, args.model, image_size=args.image_size or 32)
+  config_lib.model_defaults(c, args.model, image_size=args.image_size or 32)
   c.model_kwargs.width_multiplier = args.width
   c.num_epochs = args.epochs
   c.batch_size = args.batch

@@ -13,16 +13,16 @@ recipe also trains with CE alone first). The ``:smoke`` variant is a tiny
 model and a few steps (seconds, for tests and CI).
 """
 
-from discrim_jax import config_lib as common
+from discrim_jax import config_lib
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model="resnet18", objective="gini_kl",
+  args = config_lib.parse_arg(arg, model="resnet18", objective="gini_kl",
                           smoke=False)
-  c = common.base_config()
+  c = config_lib.base_config()
   c.dataset = "fashion_mnist"
   c.objective = args.objective
-  common.model_defaults(c, args.model, image_size=28)
+  config_lib.model_defaults(c, args.model, image_size=28)
   c.model_kwargs.width_multiplier = 0.125
   c.train_subset = 20_000
   c.num_epochs = 3

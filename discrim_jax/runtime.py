@@ -1,0 +1,173 @@
+"""A run's program, built once from its :class:`~discrim_jax.run_spec.RunSpec`:
+the data set, the model, a 1-D ``'data'`` mesh, the shardings (batch sharded,
+state replicated, so that BatchNorm and the Gini/KL losses see the global
+batch) and the jitted steps of ``discrim_jax.step_fns``.
+
+:func:`build` gives a :class:`Program` of one model: what a run of one seed
+trains with, what the benchmark times and what the tests check.
+``discrim_jax.seed_groups`` wraps it to train several seeds under
+``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+from discrim_jax import _app
+
+_app.require(__name__)
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from discrim_jax import data as data_lib
+from discrim_jax import models
+from discrim_jax import optim
+from discrim_jax import run_spec as run_spec_lib
+from discrim_jax import step_fns
+from discrim_jax.config_lib import ConfigError
+from discrim_jax.models import common
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything built from a spec that the loop, the evaluation, the
+  benchmark and the tests need. ``train_fn``/``eval_fn`` are the steps
+  before ``jax.jit`` (bound to the spec), for wrappers that transform them."""
+  spec: run_spec_lib.RunSpec
+  dataset: data_lib.Dataset
+  model: Any
+  mesh: jax.sharding.Mesh
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  steps_per_epoch: int
+  total_steps: int
+  train_fn: Callable[..., Any]
+  eval_fn: Callable[..., Any]
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  features_step: Callable[..., Any]
+  init_state: Callable[[int], step_fns.TrainState]
+  abstract_state: Any
+
+  @property
+  def num_classes(self) -> int:
+    return self.dataset.num_classes
+
+  def jit(self, fn, **kwargs):
+    """``jax.jit`` with the spec's XLA options."""
+    return jax.jit(fn, compiler_options=self.spec.compiler_options, **kwargs)
+
+  def local_batches(self, split: str, *, train: bool, start_step: int = 0,
+                    seed: int | None = None):
+    """This process's rows of each batch of a split, as NumPy arrays."""
+    s = self.spec
+    return data_lib.make_iterator(
+        self.dataset, split, s.batch_size if train else s.eval_batch_size,
+        train=train, seed=s.seed if seed is None else seed,
+        start_step=start_step, normalize=s.normalize)
+
+  def batches(self, split: str, *, train: bool, start_step: int = 0,
+              seed: int | None = None) -> Iterator[dict[str, jax.Array]]:
+    """Global batches of a split for one seed (default: the spec's)."""
+    for batch in self.local_batches(split, train=train, start_step=start_step,
+                                    seed=seed):
+      yield data_lib.to_global_batch(batch, self.batch_sharding)
+
+
+def load_dataset(spec: run_spec_lib.RunSpec) -> data_lib.Dataset:
+  """The data set a spec names: a :class:`discrim_jax.data.Dataset` read
+  lazily into memory, or streamed (``config.data_in_memory=False``)."""
+  try:
+    if spec.data_in_memory:
+      return data_lib.Dataset(spec.dataset, **spec.data_options)
+    from discrim_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.StreamingDataset(spec.dataset, **spec.data_options)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def load_dataset_of(config) -> data_lib.Dataset:
+  """:func:`load_dataset` of a config, resolved for the visible devices."""
+  return load_dataset(run_spec_lib.resolve(config, jax.device_count()))
+
+
+def create_model(spec, num_classes: int):
+  try:
+    return models.create_model(spec.model, num_classes=num_classes,
+                               **spec.model_kwargs)
+  except ValueError as e:
+    raise ConfigError(f"{e} (--config.model_kwargs...)") from None
+
+
+def build(config, *, dataset: data_lib.Dataset | None = None,
+          devices: list[jax.Device] | None = None) -> Program:
+  """The :class:`Program` of a config (or an already resolved RunSpec).
+
+  ``devices``: those of the mesh (default: ``jax.devices()``); the first
+  ``config.num_devices`` of them where that is set.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  spec = (config if isinstance(config, run_spec_lib.RunSpec)
+          else run_spec_lib.resolve(config, len(devices), devices[0].platform))
+  dataset = load_dataset(spec) if dataset is None else dataset
+  model = create_model(spec, dataset.num_classes)
+  image_shape = (1,) + tuple(dataset.image_shape)
+  shapes = step_fns.feature_shapes(model, image_shape)
+  spec.check_layers(shapes, model.__class__.__name__)
+  spec.check_batch(dataset.num_examples("train"))
+  mesh = jax.make_mesh((spec.num_devices,), ("data",),
+                       devices=devices[:spec.num_devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  steps_per_epoch = data_lib.steps_per_epoch(dataset, spec.batch_size)
+  schedule = optim.create_schedule(spec, steps_per_epoch)
+  init_state = step_fns.init_fn(
+      model, optim.create_optimizer(spec, schedule), image_shape,
+      jnp.dtype(model.dtype), step_fns.aux_init_fn(
+          spec.objective.baselines, shapes, dataset.num_classes))
+  replicated = NamedSharding(mesh, P())
+  abstract_state = jax.eval_shape(init_state, 0)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+  fns = _bound_steps(spec, model, dataset.num_classes, schedule,
+                     steps_per_epoch)
+  batch_sharding = NamedSharding(mesh, P("data"))
+  jit = functools.partial(jax.jit, compiler_options=spec.compiler_options,
+                          in_shardings=(state_sharding, batch_sharding))
+  return Program(
+      spec=spec, dataset=dataset, model=model, mesh=mesh,
+      state_sharding=state_sharding, batch_sharding=batch_sharding,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=spec.num_epochs * steps_per_epoch,
+      train_fn=fns["train"], eval_fn=fns["eval"],
+      train_step=jit(fns["train"], out_shardings=(state_sharding, replicated),
+                     donate_argnums=0),
+      eval_step=jit(fns["eval"], out_shardings=replicated),
+      features_step=jit(fns["features"], out_shardings=replicated),
+      init_state=jax.jit(init_state, out_shardings=state_sharding),
+      abstract_state=abstract_state)
+
+
+def _bound_steps(spec, model, num_classes, schedule, steps_per_epoch):
+  """The step functions of ``step_fns`` with the spec's values bound, behind
+  the CPU fusion barriers' switch (``models.common``), applied here once."""
+  o = spec.objective
+  bound = {
+      "train": functools.partial(
+          step_fns.train_step, model=model, num_classes=num_classes,
+          gini_weights=o.gini_weights, kl_weights=o.kl_weights,
+          aux_start_step=int(o.start_epoch * steps_per_epoch),
+          schedule=schedule, baselines=o.baselines),
+      "eval": functools.partial(step_fns.eval_step, model=model,
+                                num_classes=num_classes, layers=o.layers),
+      "features": functools.partial(
+          step_fns.features_step, model=model, num_classes=num_classes,
+          loss_layers=o.layers, layers=spec.representation_layers)}
+  return {k: common.with_fusion_barriers(f, spec.fusion_barriers)
+          for k, f in bound.items()}
