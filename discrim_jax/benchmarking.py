@@ -83,14 +83,61 @@ def interleaved_rates(fns, batch: int, timing: Timing) -> dict[Any, float]:
           for name, ts in interleaved_times(fns, timing).items()}
 
 
+def interleaved_round_rates(fns, batch: int, timing: Timing
+                            ) -> dict[Any, list[float]]:
+  """images/s of each step in ``fns`` per round (the median of the round's
+  calls), timed in alternating rounds: the rates of one round were measured
+  under the same load, so their ratio is the figure to compare."""
+  n = timing.steps_per_round
+  return {name: [batch / statistics.median(ts[r * n:(r + 1) * n])
+                 for r in range(timing.rounds)]
+          for name, ts in interleaved_times(fns, timing).items()}
+
+
+def spread(values) -> dict[str, float]:
+  """min, median and max of per-round figures."""
+  values = list(values)
+  return {"min": min(values), "median": statistics.median(values),
+          "max": max(values), "rounds": len(values)}
+
+
+def round_ratios(a: list[float], b: list[float]) -> dict[str, float]:
+  """The :func:`spread` of ``a[r] / b[r]`` over rounds ``r`` (two rates
+  timed side by side)."""
+  return spread(x / y for x, y in zip(a, b, strict=True))
+
+
+def verdict(figure: dict[str, float], target: float, *,
+            at_most: bool = False) -> str:
+  """"met" when every round's figure meets ``target`` (``figure >= target``,
+  or ``<=`` with ``at_most``), "NOT met" when none does, and otherwise
+  "inconclusive: machine noisy" (the rounds disagree, so the spread, not
+  the code, decides)."""
+  ok = (lambda v: v <= target) if at_most else (lambda v: v >= target)
+  if ok(figure["min"]) and ok(figure["max"]):
+    return "met"
+  if not ok(figure["min"]) and not ok(figure["max"]):
+    return "NOT met"
+  return "inconclusive: machine noisy"
+
+
+def describe(figure: dict[str, float], fmt: str = ".2f", scale: float = 1.0,
+             suffix: str = "") -> str:
+  """``median (min-max over N rounds)`` of a :func:`spread`."""
+  f = lambda v: format(scale * v, fmt) + suffix  # pylint: disable=unnecessary-lambda-assignment
+  return (f"{f(figure['median'])} (min {f(figure['min'])}, max "
+          f"{f(figure['max'])} over {figure['rounds']} rounds)")
+
+
 def app_config(model: str, batch: int, dtype: str, with_losses: bool,
-               **overrides):
-  """The CIFAR-shaped config the benchmarks time: the app's defaults for
-  ``model``, ``batch`` images, compute ``dtype``; CE only (no auxiliary
-  statistics at all) unless ``with_losses``."""
+               image_size: int = 32, **overrides):
+  """The config the benchmarks time: the app's defaults for ``model`` at
+  ``image_size`` (32: the CIFAR stem; 224: the ImageNet stem), ``batch``
+  images, compute ``dtype``; CE only (no auxiliary statistics at all)
+  unless ``with_losses``."""
   from discrim_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
-  config_lib.model_defaults(config, model, image_size=32)
+  config_lib.model_defaults(config, model, image_size=image_size)
   config.model_kwargs.dtype = dtype
   config.batch_size = config.eval_batch_size = batch
   config.num_epochs = 1
@@ -101,12 +148,33 @@ def app_config(model: str, batch: int, dtype: str, with_losses: bool,
 
 
 def app_program(model: str, batch: int, dtype: str, with_losses: bool,
-                **overrides):
-  """``runtime.build`` of :func:`app_config` on synthetic CIFAR-shaped data."""
+                image_size: int = 32, num_classes: int = 100, **overrides):
+  """``runtime.build`` of :func:`app_config` on synthetic images of
+  ``image_size`` (``num_classes`` classes)."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
-  return runtime.build(app_config(model, batch, dtype, with_losses, **overrides),
-                     dataset=SyntheticDataset(num_examples=batch * 4))
+  return runtime.build(
+      app_config(model, batch, dtype, with_losses, image_size, **overrides),
+      dataset=SyntheticDataset(num_classes=num_classes, num_examples=batch * 4,
+                               image_shape=(image_size, image_size, 3)))
+
+
+def model_gflop(program) -> float:
+  """XLA's FLOP count of ``program``'s train step before backend fusions, in
+  GFLOP.
+
+  Counted on the step lowered for one CPU device, whatever the benchmark runs
+  on: the count is the model's, and XLA gives none before compilation on GPU
+  (after it, convolutions run as cuDNN calls that it does not count).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
+  cpu = runtime.build(program.spec.config, dataset=program.dataset,
+                    devices=jax.devices("cpu")[:1])
+  abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                cpu.dataset.batch(cpu.spec.batch_size))
+  lowered = cpu.train_step.lower(cpu.abstract_state, abstract_batch)
+  return lowered.cost_analysis()["flops"] / 1e9
 
 
 def app_batch(program, seeds: int = 0):

@@ -42,14 +42,16 @@ from discrim_jax import workdir as workdir_lib
 REPRESENTATION_METRICS = ("knn", "probe", "nc1", "gini")
 
 
-def train_all(config, workdir: epath.Path, objectives, seeds: int,
+def train_all(config, workdir: epath.Path, objectives, seeds,
               dataset: data_lib.Dataset | None = None,
               vmap_seeds: bool = False) -> None:
   """Trains the runs that have no summary yet (with ``vmap_seeds``, the
-  missing seeds of an objective together, in one vmapped step)."""
+  missing seeds of an objective together, in one vmapped step). ``seeds``:
+  a count (seeds 0..N-1) or the seeds themselves."""
+  seeds = range(seeds) if isinstance(seeds, int) else seeds
   for objective in objectives:
     todo = []
-    for seed in range(seeds):
+    for seed in seeds:
       out = workdir_lib.run_dir(workdir, objective, seed)
       if workdir_lib.finished(out):
         logging.info("%s seed %d: done already, skipped", objective, seed)
@@ -66,7 +68,8 @@ def train_all(config, workdir: epath.Path, objectives, seeds: int,
     for group in groups:
       logging.info("training %s seeds %s", objective, group)
       train.train_and_evaluate_seeds(
-          run_config, {seed: str(workdir_lib.run_dir(workdir, objective, seed)) for seed in group},
+          run_config, {seed: str(workdir_lib.run_dir(workdir, objective, seed))
+                       for seed in group},
           dataset=dataset)
 
 

@@ -76,9 +76,11 @@ def train_step(state: TrainState, batch, *, model, num_classes: int,
         batch["image"], train=True, rngs={"dropout": rng},
         mutable=["batch_stats"])
     ce = jnp.mean(_cross_entropy(logits, labels))
-    aux, terms = losses.discriminability_loss(
-        features, labels, num_classes, gini_weights=gini_weights,
-        kl_weights=kl_weights)
+    aux, terms = jnp.zeros((), ce.dtype), {}
+    if gini_weights or kl_weights:  # no loss layer: no statistics at all
+      aux, terms = losses.discriminability_loss(
+          features, labels, num_classes, gini_weights=gini_weights,
+          kl_weights=kl_weights)
     if baselines:
       extra, extra_terms = baseline_terms(features, labels, params.get(AUX, {}),
                                           baselines)

@@ -39,6 +39,7 @@ import json
 import math
 from typing import Any
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -154,24 +155,86 @@ def cells(study: str, base, num_classes: int, *, regime: int = 100,
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a study: a cell's objective at one seed, kept in
+  ``WORKDIR/runs_in/OBJECTIVE/seedN`` (``runs_in``: the cell whose folder
+  holds it)."""
+  cell: str
+  runs_in: str
+  objective: str
+  seed: int
+
+
+def study_runs(all_cells: list[Cell], seeds: int,
+               only: list[str] | None = None) -> list[Run]:
+  """Every distinct run of the cells (those in ``only``, when given), in a
+  fixed order: the list that shards divide."""
+  out, seen = [], set()
+  for cell in all_cells:
+    if only and cell.name not in only:
+      continue
+    for objective in cell.objectives:
+      for seed in range(seeds):
+        if (cell.runs_in, objective, seed) not in seen:
+          seen.add((cell.runs_in, objective, seed))
+          out.append(Run(cell.name, cell.runs_in, objective, seed))
+  return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+  """``"i/n"`` (shard i of n, 0 <= i < n) as ``(i, n)``; None for ""."""
+  if not text:
+    return None
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ConfigError(f"--shard={text!r} must be I/N with 0 <= I < N, e.g. "
+                      "--shard=0/4 for the first of four shards")
+  return i, n
+
+
+def shard_of(runs: list[Run], shard: tuple[int, int] | None) -> list[Run]:
+  """Shard ``(i, n)`` of ``runs``: every n-th run from the i-th."""
+  if shard is None:
+    return list(runs)
+  i, n = shard
+  return runs[i::n]
+
+
 def run_study(study: str, base, workdir: str, *, seeds: int = 5,
               regime: int = 100, objectives=None, only: list[str] | None = None,
-              vmap_seeds: bool = False, steps: int | None = None
-              ) -> dict[str, Any]:
+              vmap_seeds: bool = False, steps: int | None = None,
+              shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
   """Trains what is missing of every cell (or of the cells named in
   ``only``; with ``vmap_seeds``, an objective's missing seeds together),
-  then writes the study's table, JSON and plots."""
+  then writes the study's table, JSON and plots. With ``shard=(i, n)``,
+  trains only shard i of n of the runs (:func:`study_runs`), so that n
+  processes (a SLURM job array) share the study; the tables are written by
+  whichever finds every run done, and None is returned until then."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   out = epath.Path(workdir)
   num_classes = runtime.load_dataset_of(base).num_classes
   all_cells = cells(study, base, num_classes, regime=regime,
                     objectives=tuple(objectives) if objectives else None,
                     steps=steps)
-  for cell in all_cells:
-    if only and cell.name not in only:
-      continue
-    compare.train_all(cell.config, out / cell.runs_in, cell.objectives, seeds,
+  by_name = {cell.name: cell for cell in all_cells}
+  mine = shard_of(study_runs(all_cells, seeds, only), shard)
+  groups: dict[tuple[str, str], list[int]] = {}
+  for r in mine:
+    groups.setdefault((r.cell, r.objective), []).append(r.seed)
+  for (name, objective), group in groups.items():
+    cell = by_name[name]
+    compare.train_all(cell.config, out / cell.runs_in, [objective], group,
                       vmap_seeds=vmap_seeds)
+  missing = [r for r in study_runs(all_cells, seeds) if not workdir_lib.finished(
+      workdir_lib.run_dir(out / r.runs_in, r.objective, r.seed))]
+  if shard is not None and missing:
+    logging.info("shard %d/%d done; %d runs of other shards still missing",
+                 *shard, len(missing))
+    return None
   results = summarize(out, all_cells, seeds)
   (out / f"{study}.json").write_text(json.dumps(results, indent=2, allow_nan=False)
                                      + "\n")

@@ -103,31 +103,17 @@ LEVERS = {
 }
 
 
-def _model_gflop(program):
-  """XLA's FLOP count of ``program``'s train step before backend fusions, in
-  GFLOP.
-
-  Counted on the step lowered for one CPU device, whatever the benchmark runs
-  on: the count is the model's, and XLA gives none before compilation on GPU
-  (after it, convolutions run as cuDNN calls that it does not count).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
-  cpu = runtime.build(program.spec.config, dataset=program.dataset,
-                    devices=jax.devices("cpu")[:1])
-  abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                cpu.dataset.batch(cpu.spec.batch_size))
-  lowered = cpu.train_step.lower(cpu.abstract_state, abstract_batch)
-  return lowered.cost_analysis()["flops"] / 1e9
-
-
 def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
   """CE-only and CE+Gini+KL train steps (alternating), then the eval step.
 
   ``others``: more steps (name -> function) timed in the same rounds.
   ``vmap_seeds``: also the CE+Gini+KL step of that many seeds under
-  ``jax.vmap`` (``seed_groups.VmappedSeeds``, as ``--vmap_seeds`` trains), in the same rounds.
+  ``jax.vmap`` (``seed_groups.VmappedSeeds``, as ``--vmap_seeds`` trains),
+  in the same rounds. Ratios of steps timed side by side are kept per round
+  (``*_spread``: min, median, max), so that a target is called only when
+  every round agrees.
   """
+  import statistics  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   out, steps = {}, {}
   for name, with_losses in (("ce_only", False), ("ce_gini_kl", True)):
@@ -137,7 +123,7 @@ def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
     executable, compile_s = benchmarking.compiled(program.train_step, state, images)
     steps[name] = benchmarking.stepper(executable, state, images)
     out[name] = {"train_compile_s": compile_s,
-                 "train_gflop_per_step": _model_gflop(program)}
+                 "train_gflop_per_step": benchmarking.model_gflop(program)}
   if vmap_seeds:
     from discrim_jax import seed_groups  # pylint: disable=g-import-not-at-top
     group = seed_groups.VmappedSeeds(
@@ -148,15 +134,18 @@ def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
                                                   group.state, images)
     steps["vmapped"] = benchmarking.stepper(executable, group.state, images)
     out["vmapped"] = {"seeds": vmap_seeds, "train_compile_s": compile_s}
-  rates = benchmarking.interleaved_rates({**steps, **(others or {})}, batch, timing)
-  for name, rate in rates.items():
-    out.setdefault(name, {})["train_images_per_s"] = rate
+  rounds = benchmarking.interleaved_round_rates(
+      {**steps, **(others or {})}, batch, timing)
+  if vmap_seeds:  # each vmapped call trains vmap_seeds models on a batch each
+    rounds["vmapped"] = [vmap_seeds * r for r in rounds["vmapped"]]
+  for name, rates in rounds.items():
+    out.setdefault(name, {}).update(train_images_per_s=statistics.median(rates),
+                                    train_images_per_s_rounds=rates)
   if vmap_seeds:
-    # Each vmapped call trains vmap_seeds models on a batch each.
-    out["vmapped"]["train_images_per_s"] *= vmap_seeds
-    out["vmapped"]["per_seed_vs_single"] = (
-        out["vmapped"]["train_images_per_s"] / vmap_seeds
-        / out["ce_gini_kl"]["train_images_per_s"])
+    spread = benchmarking.round_ratios(
+        [r / vmap_seeds for r in rounds["vmapped"]], rounds["ce_gini_kl"])
+    out["vmapped"]["per_seed_vs_single"] = spread["median"]
+    out["vmapped"]["per_seed_vs_single_spread"] = spread
   state = program.init_state(0)
   eval_batch = benchmarking.app_batch(program)
   executable, out["eval_compile_s"] = benchmarking.compiled(program.eval_step, state, eval_batch)
@@ -165,8 +154,10 @@ def bench_jax(model, batch, dtype, timing, others=None, vmap_seeds=0):
     jax.block_until_ready(executable(state, eval_batch))
   out["eval_images_per_s"] = benchmarking.interleaved_rates(
       {"eval": evaluate}, batch, timing)["eval"]
-  out["loss_overhead"] = (out["ce_only"]["train_images_per_s"]
-                          / out["ce_gini_kl"]["train_images_per_s"] - 1)
+  ratio = benchmarking.round_ratios(rounds["ce_only"], rounds["ce_gini_kl"])
+  out["loss_overhead_spread"] = {k: v - 1 if k != "rounds" else v
+                                 for k, v in ratio.items()}
+  out["loss_overhead"] = out["loss_overhead_spread"]["median"]
   full = out["ce_gini_kl"]
   full["train_tflop_per_s"] = (
       full["train_gflop_per_step"] * full["train_images_per_s"] / batch / 1e3)
@@ -226,9 +217,11 @@ def main(argv):
     if torch_child:
       torch_child.close()
       results["torch_resnet18"] = dict(torch_child.meta, **r.pop("torch"))
-      results["jax_over_torch_resnet18"] = (
-          r["ce_only"]["train_images_per_s"]
-          / results["torch_resnet18"]["train_images_per_s"])
+      spread = benchmarking.round_ratios(
+          r["ce_only"]["train_images_per_s_rounds"],
+          results["torch_resnet18"]["train_images_per_s_rounds"])
+      results["jax_over_torch_resnet18"] = spread["median"]
+      results["jax_over_torch_resnet18_spread"] = spread
     print(f"{key}: {json.dumps(r)}", flush=True)
   if _LEVERS.value:
     results["levers"] = {m: bench_levers(m, batch, timing)
@@ -240,9 +233,11 @@ def main(argv):
     results["input_images_per_s"] = {
         "fashion_mnist": measure_throughput("fashion_mnist", batch, 200)}
     if r18:
-      results["input_over_resnet18_step"] = (
-          results["input_images_per_s"]["fashion_mnist"]
-          / r18["ce_gini_kl"]["train_images_per_s"])
+      spread = benchmarking.spread(
+          results["input_images_per_s"]["fashion_mnist"] / rate
+          for rate in r18["ce_gini_kl"]["train_images_per_s_rounds"])
+      results["input_over_resnet18_step"] = spread["median"]
+      results["input_over_resnet18_step_spread"] = spread
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
   if "peak_bytes_in_use" in stats:
@@ -259,7 +254,7 @@ def _print_tables(results):
         f"XLA_FLAGS={results['xla_flags'] or '(none)'}; medians of "
         f"{results['rounds']} x {results['steps_per_round']} timed steps")
   print()
-  print("| model | train img/s, CE | train img/s, CE+Gini+KL | loss overhead "
+  print("| model | train img/s, CE | train img/s, CE+Gini+KL | loss overhead [min, max over rounds] "
         "| eval img/s | compile s (train) | model TFLOP/s | MFU |")
   print("|---|---|---|---|---|---|---|---|")
   for model, r in results["models"].items():
@@ -268,6 +263,8 @@ def _print_tables(results):
     print(f"| {model} | {r['ce_only']['train_images_per_s']:.1f} "
           f"| {full['train_images_per_s']:.1f} "
           f"| {100 * r['loss_overhead']:+.1f}% "
+          f"[{100 * r['loss_overhead_spread']['min']:+.1f}, "
+          f"{100 * r['loss_overhead_spread']['max']:+.1f}] "
           f"| {r['eval_images_per_s']:.1f} "
           f"| {full['train_compile_s']:.1f} | {full['train_tflop_per_s']:.3f} "
           f"| {mfu} |")
@@ -281,8 +278,9 @@ def _print_tables(results):
       print(f"{model}: {v['seeds']} seeds vmapped, "
             f"{v['train_images_per_s'] / v['seeds']:.1f} img/s per seed vs "
             f"{r['ce_gini_kl']['train_images_per_s']:.1f} for one seed alone "
-            f"({v['per_seed_vs_single']:.2f}x: vmapping "
-            f"{'pays' if v['per_seed_vs_single'] > 1 else 'does not pay'} here)")
+            f"({benchmarking.describe(v['per_seed_vs_single_spread'])}; "
+            "vmapping pays here: "
+            f"{benchmarking.verdict(v['per_seed_vs_single_spread'], 1.0)})")
   for model, levers in results.get("levers", {}).items():
     print()
     print(f"| {model} CE step: barriers, XLA:CPU options | img/s | vs XLA defaults |")
@@ -290,20 +288,8 @@ def _print_tables(results):
     for name, r in levers.items():
       print(f"| {name} | {r['train_images_per_s']:.1f} | {r['speedup']:.2f}x |")
   print()
-  r18 = results["models"].get("resnet18")
-  if r18:
-    overhead = r18["loss_overhead"]
-    print(f"Target, loss overhead <= 2% of the ResNet-18 step: "
-          f"{100 * overhead:+.1f}% ({'met' if overhead <= 0.02 else 'NOT met'})")
-  if "input_over_resnet18_step" in results:
-    ratio = results["input_over_resnet18_step"]
-    print(f"Target, input pipeline >= 10x the ResNet-18 step's consumption: "
-          f"{results['input_images_per_s']['fashion_mnist']:,.0f} images/s = "
-          f"{ratio:,.0f}x ({'met' if ratio >= 10 else 'NOT met'})")
-  if "jax_over_torch_resnet18" in results:
-    ratio = results["jax_over_torch_resnet18"]
-    print(f"Target, JAX >= PyTorch on the ResNet-18 step: JAX/PyTorch = "
-          f"{ratio:.2f} ({'met' if ratio >= 1 else 'NOT met'})")
+  for line in target_lines(results):
+    print(line)
   print(f"Peak host memory (max RSS): {results['peak_rss_gib']:.2f} GiB")
   if "peak_device_gib" in results:
     print(f"Peak device memory (all steps of the run): "
@@ -312,3 +298,29 @@ def _print_tables(results):
 
 if __name__ == "__main__":
   app.run(main, flags_parser=parse_flags)
+
+
+def target_lines(results) -> list[str]:
+  """The benchmark's targets, each with its per-round spread and a verdict
+  the spread allows ("inconclusive: machine noisy" when rounds disagree)."""
+  lines = []
+  r18 = results["models"].get("resnet18")
+  if r18:
+    overhead = r18["loss_overhead_spread"]
+    lines.append("Target, loss overhead <= 2% of the ResNet-18 step: "
+                 + benchmarking.describe(overhead, "+.1f", 100, "%") + ": "
+                 + benchmarking.verdict(overhead, 0.02, at_most=True))
+  if "input_over_resnet18_step_spread" in results:
+    ratio = results["input_over_resnet18_step_spread"]
+    lines.append(
+        "Target, input pipeline >= 10x the ResNet-18 step's consumption: "
+        f"{results['input_images_per_s']['fashion_mnist']:,.0f} images/s = "
+        + benchmarking.describe(ratio, ",.0f", suffix="x") + ": "
+        + benchmarking.verdict(ratio, 10))
+  if "jax_over_torch_resnet18_spread" in results:
+    ratio = results["jax_over_torch_resnet18_spread"]
+    lines.append("Target, JAX >= PyTorch on the ResNet-18 step: JAX/PyTorch = "
+                 + benchmarking.describe(ratio) + ": "
+                 + benchmarking.verdict(ratio, 1))
+  return lines
+

@@ -41,6 +41,12 @@ _STEPS = flags.DEFINE_integer("steps", None, "Training steps of the capacity "
 _VMAP_SEEDS = flags.DEFINE_bool(
     "vmap_seeds", False, "Train an objective's missing seeds together under "
     "jax.vmap (faster only where measured: see the README's study section).")
+_SHARD = flags.DEFINE_string(
+    "shard", "", "I/N: train only shard I of N of the study's runs (0 <= I < "
+    "N), e.g. from a SLURM job array: --shard=$SLURM_ARRAY_TASK_ID/N. Shards "
+    "share the workdir; the one that finds every run done writes the tables.")
+_LIST = flags.DEFINE_bool("list", False, "Print the study's runs (with the "
+                          "shard each belongs to, given --shard's N) and exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -54,16 +60,44 @@ def main(argv):
           steps=_STEPS.value)])):
     return
 
+  shard = run_with_one_line_errors(lambda: study.parse_shard(_SHARD.value))
+  if _LIST.value:
+    run_with_one_line_errors(lambda: _print_runs(study, shard))
+    return
+
   def run():
-    with cli.in_workdir(_WORKDIR.value):
-      return study.run_study(
-          _STUDY.value, _CONFIG.value, _WORKDIR.value, seeds=_SEEDS.value,
-          regime=_REGIME.value, objectives=_OBJECTIVES.value, only=_CELLS.value,
-          vmap_seeds=_VMAP_SEEDS.value, steps=_STEPS.value)
+    kwargs = dict(seeds=_SEEDS.value, regime=_REGIME.value,
+                  objectives=_OBJECTIVES.value, only=_CELLS.value,
+                  vmap_seeds=_VMAP_SEEDS.value, steps=_STEPS.value, shard=shard)
+    if shard is None:  # one process: the whole workdir is this run's
+      with cli.in_workdir(_WORKDIR.value):
+        return study.run_study(_STUDY.value, _CONFIG.value, _WORKDIR.value,
+                               **kwargs)
+    # Shards share the workdir: each run's own lock keeps them apart.
+    cli.route_logs(f"{_WORKDIR.value}/shard_{shard[0]}_of_{shard[1]}")
+    return study.run_study(_STUDY.value, _CONFIG.value, _WORKDIR.value, **kwargs)
 
   results = run_with_one_line_errors(run)
+  if results is None:
+    print(f"shard {_SHARD.value} done; the tables are written by the shard "
+          "that finishes last")
+    return
   print(report.study_markdown(results))
   print(f"table, JSON and plots in {_WORKDIR.value}")
+
+
+def _print_runs(study, shard):
+  """One line per run: index, shard, cell, objective, seed, folder."""
+  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
+  num_classes = runtime.load_dataset_of(_CONFIG.value).num_classes
+  runs = study.study_runs(study.cells(
+      _STUDY.value, _CONFIG.value, num_classes, regime=_REGIME.value,
+      objectives=tuple(_OBJECTIVES.value) if _OBJECTIVES.value else None,
+      steps=_STEPS.value), _SEEDS.value, _CELLS.value)
+  n = shard[1] if shard else 1
+  for k, r in enumerate(runs):
+    print(f"{k}\tshard {k % n}/{n}\t{r.cell}\t{r.objective}\tseed {r.seed}"
+          f"\t{r.runs_in}/{r.objective}/seed{r.seed}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 the fixtures several test modules share (the real Fashion-MNIST, the smoke
 config)."""
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,9 @@ elif _count.group(1) != "8":
       f"XLA_FLAGS sets {_count.group(0)}; the tests need 8 fake CPU devices: "
       f"remove it or set {_DEVICES}=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests compile many small programs once each: trade run time for compile
+# time, here and (through the environment) in the CLI processes tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # torchvision's compiled ops segfault when they load after TensorFlow in one
 # process (seen with torch 2.14.1 + torchvision 0.29.1 + tensorflow-cpu 2.21),
@@ -33,22 +37,28 @@ except ImportError:
 
 import jax  # noqa: E402
 
-# Tests compile many small programs once each: trade run time for compile time.
-jax.config.update("jax_disable_most_optimizations", True)
-
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def fashion_data_dir(tmp_path_factory):
-  """A TFDS data folder with the real Fashion-MNIST prepared once per session."""
+def fashion_data_dir(tmp_path_factory, worker_id):
+  """A TFDS data folder with the real Fashion-MNIST, prepared once per test
+  run: by the first pytest-xdist worker to get here, under a lock, in the
+  run's temporary folder that all workers share (tests only read it)."""
   from discrim_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
   try:
     fashion_mnist.find_files()
   except FileNotFoundError as e:
     pytest.fail(f"the real Fashion-MNIST files are needed: {e}", pytrace=False)
-  path = tmp_path_factory.mktemp("tfds")
-  fashion_mnist.DebianFashionMnist(data_dir=str(path)).download_and_prepare()
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":  # .../pytest-N/popen-gwK: share .../pytest-N
+    root = root.parent
+  path = root / "tfds_fashion_mnist"
+  with open(root / "tfds_fashion_mnist.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (path / "prepared").exists():
+      fashion_mnist.DebianFashionMnist(data_dir=str(path)).download_and_prepare()
+      (path / "prepared").touch()
   return str(path)
 
 
@@ -84,12 +94,12 @@ def read_metrics(workdir):
           (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(name="smoke_config")
+@pytest.fixture(name="smoke_config", scope="session")
 def smoke_config_fixture():
   return smoke_config
 
 
-@pytest.fixture(name="read_metrics")
+@pytest.fixture(name="read_metrics", scope="session")
 def read_metrics_fixture():
   return read_metrics
 
@@ -100,6 +110,17 @@ jax.config.update("jax_compilation_cache_dir",
 # Every program, however quick to compile: the suite builds the same small
 # steps many times, and a cache hit is cheaper than even a 0.2 s compile.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@pytest.fixture(name="whole", scope="session")
+def whole_fixture(fashion, tmp_path_factory):
+  """The records of one uninterrupted run of :func:`smoke_config` (10 steps
+  of 64), trained once per worker: what every interrupted-and-resumed run of
+  the same config must end with, bit for bit. Tests only read it."""
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  run = tmp_path_factory.mktemp("whole")
+  train.train_and_evaluate(smoke_config(), str(run), dataset=fashion)
+  return read_metrics(run)
 
 
 def _corrupt(step_dir, kind: str):

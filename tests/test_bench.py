@@ -8,6 +8,8 @@ the gradients are sums over up to 2 x 16 x 16 = 512 positions x 9 taps x 4
 channels ~ 2e4 products: worst-case relative rounding 2e4 * 2**-24 ~ 1e-3.
 """
 
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -83,6 +85,43 @@ def test_timing_alternates_and_takes_own_durations():
   assert times["b"] == [0.25, 0.25] and all(0 <= t < 0.25 for t in times["a"])
 
 
+def test_round_rates_and_ratios_keep_each_rounds_figure():
+  durations = iter([0.5, 0.5, 1.0, 1.0,   # round 1: a twice, then b twice
+                    1.0, 1.0, 1.0, 1.0])  # round 2: the machine slowed a
+  fns = {"a": lambda: next(durations), "b": lambda: next(durations)}
+  timing = benchmarking.Timing(warmup=0, rounds=2, steps_per_round=2)
+  rates = benchmarking.interleaved_round_rates(fns, 10, timing)
+  assert rates == {"a": [20.0, 10.0], "b": [10.0, 10.0]}
+  ratio = benchmarking.round_ratios(rates["a"], rates["b"])
+  assert ratio == {"min": 1.0, "median": 1.5, "max": 2.0, "rounds": 2}
+
+
+@pytest.mark.parametrize("low,high,target,at_most,expected", [
+    (1.1, 1.3, 1.0, False, "met"),
+    (0.7, 0.9, 1.0, False, "NOT met"),
+    (0.8, 1.6, 1.0, False, "inconclusive: machine noisy"),
+    (-0.05, 0.01, 0.02, True, "met"),
+    (-0.03, 0.21, 0.02, True, "inconclusive: machine noisy"),
+    (0.05, 0.21, 0.02, True, "NOT met"),
+])
+def test_a_target_is_called_only_when_every_round_agrees(low, high, target,
+                                                        at_most, expected):
+  figure = {"min": low, "median": (low + high) / 2, "max": high, "rounds": 5}
+  assert benchmarking.verdict(figure, target, at_most=at_most) == expected
+
+
+def test_bench_prints_targets_with_their_spread():
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+  results = {"models": {"resnet18": {"loss_overhead_spread": {
+      "min": -0.034, "median": 0.05, "max": 0.21, "rounds": 5}}},
+             "jax_over_torch_resnet18_spread": {
+                 "min": 0.8, "median": 0.82, "max": 0.85, "rounds": 5}}
+  lines = bench.target_lines(results)
+  assert lines[0].endswith("+5.0% (min -3.4%, max +21.0% over 5 rounds): "
+                           "inconclusive: machine noisy")
+  assert lines[1].endswith("0.82 (min 0.80, max 0.85 over 5 rounds): NOT met")
+
+
 def test_benchmark_times_the_apps_own_step():
   program = benchmarking.app_program("resnet18", 8, "float32", True,
                                      num_devices=1)
@@ -110,3 +149,19 @@ def test_torch_mirror_refuses_uneven_padding():
   y = conv.apply({"params": params}, x)
   with pytest.raises(ValueError, match="unevenly.*--notorch"):
     torch_reference.conv_ops(conv, params, x, np.ones_like(y), y)
+
+
+def test_gpu_check_runs_at_its_tiny_size(tmp_path):
+  """experiments/gpu_check.py, the script a lent GPU runs, end to end on this
+  CPU at its tiny size: every part measured and written to its JSON."""
+  from experiments import gpu_check  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "gpu_check.json"
+  record = gpu_check.run(tiny=True, out=str(out), peak_tflops=1.0)
+  assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+  r = record["resnet50"]
+  assert r["ce_gini_kl"]["images_per_s"] > 0 and r["ce_only"]["images_per_s"] > 0
+  assert 0 < r["ce_gini_kl"]["mfu"] < 1 and r["ce_gini_kl"]["gflop_per_step"] > 0
+  assert len(r["ce_gini_kl"]["images_per_s_rounds"]) == 2
+  # A 2-core CPU is nowhere near the GPU target: every round says so.
+  assert r["target"]["verdict"] == "NOT met"
+  assert record["cvt13"]["compile_s"] > 0 and record["cvt13"]["images_per_s"] > 0

@@ -5,6 +5,7 @@ right records, or one line with the way out, and loses nothing."""
 import json
 import os
 from pathlib import Path
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +31,6 @@ def _cli(workdir, *extra, **kwargs):
 
 def _error_lines(stderr):
   return [l for l in stderr.splitlines() if l.startswith(("error:", "preempted:"))]
-
-
-@pytest.fixture(name="whole")
-def whole_fixture(fashion, tmp_path, smoke_config, read_metrics):
-  train.train_and_evaluate(smoke_config(), str(tmp_path / "whole"), dataset=fashion)
-  return read_metrics(tmp_path / "whole")
 
 
 # Each phase entered through the public function it starts with: restoring
@@ -157,11 +152,15 @@ def test_unreadable_weights_are_one_line_never_suggesting_unsafe_loading(tmp_pat
   assert not (tmp_path / "out").exists()
 
 
-def test_two_processes_on_one_workdir_and_writes_only_there(tmp_path):
+def test_two_processes_on_one_workdir_and_writes_only_there(tmp_path,
+                                                            fashion_data_dir):
   """Two real runs on one workdir: the second refuses in one line before
   touching a file, the first finishes with its records once each. The run
   writes only inside its workdir, the data folder and the compilation cache
-  (HOME and the working directory are empty folders here)."""
+  (HOME and the working directory are empty folders here; the data folder
+  holds a copy of the Fashion-MNIST the session prepared from the Debian
+  files, as `make data` leaves it)."""
+  shutil.copytree(fashion_data_dir, tmp_path / "tfds")
   home, cwd = tmp_path / "home", tmp_path / "cwd"
   home.mkdir()
   cwd.mkdir()

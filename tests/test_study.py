@@ -1,6 +1,10 @@
 """The study harness (issue #20): cells, per-class subsets, pairing, outputs."""
 
 import json
+import os
+from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ from discrim_jax import data
 from discrim_jax import report
 from discrim_jax import study
 from discrim_jax.config_lib import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_scarcity_cells_train_a_fixed_number_of_steps(smoke_config):
@@ -53,6 +59,21 @@ def test_train_per_class_takes_the_first_of_each_class(fashion_data_dir):
                  train_per_class=99_999).arrays("train")
 
 
+_SHARD = """
+import sys
+from discrim_jax import study
+from experiments.configs import fashion_mnist
+from discrim_jax import config_lib
+study.PER_CLASS, study.STEPS, study.BATCH = (4,), 4, 20
+base = config_lib.with_fields(fashion_mnist.get_config("smoke"), **{
+    "eval_subset": 200, "eval_batch_size": 200, "train_subset": 320,
+    "log_every_steps": 2, "num_devices": 1, "representation.enabled": False,
+    "num_epochs": 1, "data_dir": sys.argv[3]})
+study.run_study("scarcity", base, sys.argv[1], seeds=2,
+                objectives=("ce", "gini_kl"), shard=(int(sys.argv[2]), 2))
+"""
+
+
 def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
                                       smoke_config):
   monkeypatch.setattr(study, "PER_CLASS", (4,))
@@ -60,8 +81,22 @@ def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
   monkeypatch.setattr(study, "BATCH", 20)
   monkeypatch.setattr(study, "START_FRACTIONS", (0.0, 0.1))
   base = smoke_config(num_epochs=1, data_dir=fashion_data_dir)
-  results = study.run_study("scarcity", base, str(tmp_path), seeds=2,
-                            objectives=("ce", "gini_kl"))
+  # Two shards at once into one workdir, as a job array runs them: shard 0
+  # in another process (with this base config), shard 1 here; each trains
+  # its half, and the one that finds every run done writes the tables.
+  kwargs = dict(seeds=2, objectives=("ce", "gini_kl"))
+  other = subprocess.Popen(
+      [sys.executable, "-c", _SHARD, str(tmp_path), "0", fashion_data_dir],
+      env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  mine = study.run_study("scarcity", base, str(tmp_path), shard=(1, 2), **kwargs)
+  _, stderr = other.communicate(timeout=600)
+  assert other.returncode == 0, stderr[-3000:]
+  assert mine is not None or (tmp_path / "scarcity.json").exists()
+  written = json.loads((tmp_path / "scarcity.json").read_text())
+  # One process over the same workdir trains nothing more: the same table.
+  results = study.run_study("scarcity", base, str(tmp_path), **kwargs)
+  assert _without_wall_time(results) == _without_wall_time(written)
   cells = results["cells"]
   assert set(cells) == {"4_per_class", "base"}
   stats = cells["4_per_class"]["objectives"]["gini_kl"]["metrics"]["test_accuracy"]
@@ -111,3 +146,22 @@ def test_lambda_heatmap_draws_finished_and_unfinished_cells(tmp_path):
       "missing": {"finished": False, "info": {"lambda_gini": 2.0, "lambda_kl": 0.1}}}}
   paths = report.plot_study(tmp_path, results, study.LAMBDAS)
   assert [p.name for p in paths] == ["lambda.png"] and paths[0].stat().st_size > 0
+
+
+def _without_wall_time(results):
+  """A study's results without the figures that depend on the machine's load."""
+  return {name: {k: v for k, v in cell.items() if k != "wall_time_s"}
+          for name, cell in json.loads(json.dumps(results))["cells"].items()}
+
+
+def test_shards_divide_the_runs_once_each(smoke_config):
+  cells = study.cells("start", smoke_config(), 10, regime=20)
+  runs = study.study_runs(cells, seeds=3)
+  # start_0.1 is the regime's own config: its runs are the regime cell's.
+  assert len(runs) == len({(r.runs_in, r.objective, r.seed) for r in runs}) == 9
+  shards = [study.shard_of(runs, (i, 4)) for i in range(4)]
+  assert sorted((r for s in shards for r in s), key=runs.index) == runs
+  assert study.parse_shard("3/4") == (3, 4) and study.parse_shard("") is None
+  for bad in ("4/4", "1", "a/b", "-1/2"):
+    with pytest.raises(ConfigError, match="--shard=.*0 <= I < N"):
+      study.parse_shard(bad)

@@ -92,10 +92,9 @@ class Interrupt(Exception):
   pass
 
 
-def test_kill_and_resume_equals_uninterrupted_exactly(fashion, tmp_path,
+def test_kill_and_resume_equals_uninterrupted_exactly(fashion, tmp_path, whole,
                                                       smoke_config, read_metrics):
   config = smoke_config()
-  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
 
   def die_at(step):
     if step == 9:  # mid-epoch 2, after the checkpoint of step 5 and the log of 8
@@ -108,18 +107,17 @@ def test_kill_and_resume_equals_uninterrupted_exactly(fashion, tmp_path,
   assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 8
   train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion)
   # The same program on the same machine from the same state: bit for bit.
-  assert read_metrics(tmp_path / "whole") == read_metrics(tmp_path / "cut")
+  assert read_metrics(tmp_path / "cut") == whole
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigterm_at_a_random_step_then_resume_equals_uninterrupted(
-    fashion, tmp_path, smoke_config, read_metrics, seed):
+    fashion, tmp_path, whole, smoke_config, read_metrics, seed):
   """SIGTERM: the step in flight finishes, a checkpoint of it is saved (with
   the log interval's metrics so far), the run stops with Preempted; rerunning
   ends with exactly the uninterrupted run's records."""
   config = smoke_config()
   kill_at = int(np.random.default_rng(seed).integers(1, 10))  # of 10 steps
-  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
 
   def sigterm(step):
     if step == kill_at:
@@ -131,7 +129,7 @@ def test_sigterm_at_a_random_step_then_resume_equals_uninterrupted(
   assert str(kill_at) in [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed
   train.train_and_evaluate(config, str(tmp_path / "cut"), dataset=fashion)
-  assert read_metrics(tmp_path / "cut") == read_metrics(tmp_path / "whole")
+  assert read_metrics(tmp_path / "cut") == whole
 
 
 def test_checkpoint_every_steps_resumes_mid_interval_exactly(
