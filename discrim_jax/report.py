@@ -147,13 +147,17 @@ def plot_comparison(workdir: epath.Path, results: dict[str, Any]) -> list[epath.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return [path for figure in (_accuracy_figure, _curves_figure,
+                              _impurity_figures, _representation_figure)
+          for path in figure(plt, workdir, results)]
 
-  objectives = results["objectives"]
-  seeds = results["seeds"]
-  rows = results["results"]
+
+def _accuracy_figure(plt, workdir: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
+  """``accuracy.png``: test accuracy per objective, each seed's run a dot."""
+  objectives, seeds, rows = (results["objectives"], results["seeds"],
+                              results["results"])
   names = [objective_name(o) for o in objectives]
   paths = []
-
   fig, ax = plt.subplots(figsize=(5, 3.5))
   means = [100 * rows[o]["test_accuracy_mean"] for o in objectives]
   stds = [100 * rows[o]["test_accuracy_std"] for o in objectives]
@@ -170,7 +174,14 @@ def plot_comparison(workdir: epath.Path, results: dict[str, Any]) -> list[epath.
   paths.append(workdir / "accuracy.png")
   save_figure(fig, paths[-1])
   plt.close(fig)
+  return paths
 
+
+def _curves_figure(plt, workdir: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
+  """``curves.png``: training cross-entropy and validation accuracy by step."""
+  objectives, seeds = results["objectives"], results["seeds"]
+  names = [objective_name(o) for o in objectives]
+  paths = []
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   for o, name in zip(objectives, names):
     for split, ax, key in (("train", axes[0], "ce"),
@@ -190,7 +201,14 @@ def plot_comparison(workdir: epath.Path, results: dict[str, Any]) -> list[epath.
   paths.append(workdir / "curves.png")
   save_figure(fig, paths[-1])
   plt.close(fig)
+  return paths
 
+
+def _impurity_figures(plt, workdir: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
+  """``impurity_hist.png`` and ``heatmap.png``: the feature-class matrix P of
+  seed 0 for CE and the loss."""
+  objectives = results["objectives"]
+  paths = []
   shown = [o for o in ("ce", "gini_kl") if o in objectives] or objectives[:2]
   matrices = {o: _load_npz(workdir_lib.run_dir(workdir, o, 0)
                            / "feature_class_matrix.npz")
@@ -223,7 +241,14 @@ def plot_comparison(workdir: epath.Path, results: dict[str, Any]) -> list[epath.
   paths.append(workdir / "heatmap.png")
   save_figure(fig, paths[-1])
   plt.close(fig)
+  return paths
 
+
+def _representation_figure(plt, workdir: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
+  """``representation.png``: each metric's paired difference to CE."""
+  objectives, seeds, rows = (results["objectives"], results["seeds"],
+                              results["results"])
+  paths = []
   others = [o for o in objectives if o != "ce"]
   metrics = [n for n in distinct_metrics(rows)
              if all("diff_to_ce_mean" in rows[o]["metrics"].get(n, {})
@@ -314,8 +339,14 @@ def plot_study(out: epath.Path, results: dict[str, Any],
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  paths = []
   cells_ = {k: v for k, v in results["cells"].items() if v["finished"]}
+  return (_scarcity_figure(plt, out, cells_)
+          + _lambda_figure(plt, matplotlib, out, cells_, lambdas))
+
+
+def _scarcity_figure(plt, out, cells_) -> list[epath.Path]:
+  """``scarcity.png``: accuracy and paired difference to CE by images per class."""
+  paths = []
   scarcity = {k: v for k, v in cells_.items() if v["info"].get("per_class")}
   if scarcity:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -358,6 +389,12 @@ def plot_study(out: epath.Path, results: dict[str, Any],
     paths.append(out / "scarcity.png")
     save_figure(fig, paths[-1])
     plt.close(fig)
+  return paths
+
+
+def _lambda_figure(plt, matplotlib, out, cells_, lambdas) -> list[epath.Path]:
+  """``lambda.png``: the paired difference to CE over the lambda grid."""
+  paths = []
   grid = {(v["info"]["lambda_gini"], v["info"]["lambda_kl"]): v
           for v in cells_.values() if "lambda_gini" in v["info"]}
   if grid:

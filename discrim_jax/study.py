@@ -41,7 +41,6 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-import numpy as np
 
 from discrim_jax import compare
 from discrim_jax import config_lib

@@ -26,7 +26,6 @@ _app.require(__name__)
 from collections.abc import Callable
 import contextlib
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -37,6 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from discrim_jax import checkpoints
 from discrim_jax import data as data_lib
 from discrim_jax import evaluation
 from discrim_jax import progress as progress_lib
@@ -149,7 +149,7 @@ def _restore_or_init(program: runtime.Program, replicas: list[_Replica]):
   (from ``init_from`` where the config names one)."""
   latest, states = [], []
   for r in replicas:
-    r.manager, step, state = workdir_lib.restore_latest(
+    r.manager, step, state = checkpoints.restore_latest(
         program.spec.keep_checkpoints, r.workdir, program.abstract_state)
     latest.append(step)
     states.append(state)
@@ -175,7 +175,7 @@ def _test_best(program: runtime.Program, replicas: list[_Replica]):
   best_steps, best_states = [], []
   for r in replicas:
     best_steps.append(r.manager.best_step())
-    best_states.append(workdir_lib.restore(r.manager, best_steps[-1],
+    best_states.append(checkpoints.restore(r.manager, best_steps[-1],
                                            program.abstract_state, r.workdir))
   if program.spec.representation["enabled"]:
     return best_steps, [evaluation.final_test(program, s) for s in best_states]
@@ -273,7 +273,7 @@ def _train_loop(seeds, step: int, replicas: list[_Replica], step_callback,
   report = periodic_actions.ReportProgress(
       num_train_steps=total, writer=replicas[0].log.writer,
       every_steps=spec.log_every_steps, every_secs=60)
-  loaded = [workdir_lib.load_interval(r.workdir, step) for r in replicas]
+  loaded = [checkpoints.load_interval(r.workdir, step) for r in replicas]
   interval = _Interval([history for _, history in loaded], loaded[0][0])
   batches = seeds.batches(step)
   progress = _progress(program, seeds.seeds, step)
@@ -331,7 +331,7 @@ def _evaluate_and_save(seeds, step: int, replicas: list[_Replica],
                     f"{results[i]['accuracy']:.4f}")
     if is_save:
       if not is_log:
-        workdir_lib.save_interval(r.workdir, r.manager, step,
+        checkpoints.save_interval(r.workdir, r.manager, step,
                                   interval.first_step, interval.carried[i])
       accuracy = results[i]["accuracy"] if is_eval else -1.0
       r.manager.save(step, args=ocp.args.StandardSave(seeds.state_of(i)),

@@ -36,8 +36,6 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
 from discrim_jax import config_lib
 from discrim_jax.config_lib import ConfigError
@@ -237,7 +235,9 @@ def check_config(config, workdir: epath.Path) -> None:
           "--workdir to start a new run")
 
 
-def _write_new(path: epath.Path, text: str) -> None:
+def write_atomically(path: epath.Path, text: str) -> None:
+  """``text`` into ``path`` through a temporary file and a rename: a reader
+  sees the old file or the new one, never a part."""
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)
@@ -251,10 +251,10 @@ def write_config(config, workdir: epath.Path) -> None:
   current = json.loads(config.to_json_best_effort())
   path = workdir / "config.json"
   if not path.exists():
-    _write_new(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+    write_atomically(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
   path = workdir / IDENTITY
   if not path.exists():
-    _write_new(path, json.dumps(config_lib.identity(current), indent=2,
+    write_atomically(path, json.dumps(config_lib.identity(current), indent=2,
                                 sort_keys=True) + "\n")
 
 
@@ -296,7 +296,7 @@ class MetricsLog:
       # this run writes them again.
       kept = [json.dumps(r) for r in read_records(self.path)
               if r["step"] <= restored_step and r["split"] != "test"]
-      _write_new(self.path, "".join(k + "\n" for k in kept))
+      write_atomically(self.path, "".join(k + "\n" for k in kept))
     # CLU's writers import TensorFlow, so CLU is imported where a run starts:
     # build() and the compiled steps need JAX alone (see experiments/bench.py).
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -345,104 +345,6 @@ def check_finite(history: list[dict[str, float]], first_step: int,
             "lower --config.optimizer.lr or the loss weights, then rerun")
 
 
-def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
-  """Keeps the latest ``keep`` checkpoints (``config.keep_checkpoints``) and
-  the best by validation accuracy."""
-  best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
-  options = ocp.CheckpointManagerOptions(
-      best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy([
-          checkpoint_managers.LatestN(n=keep),
-          checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
-      ]),
-      cleanup_tmp_directories=True)
-  path = workdir / "checkpoints"
-  return ocp.CheckpointManager(path.absolute() if is_local(path) else path,
-                               options=options)
-
-
-def restore(manager, step: int, abstract_state, workdir: epath.Path):
-  """The state saved at ``step``; a one-line RuntimeError if unreadable."""
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  except Exception as e:  # orbax raises many types for unreadable files
-    raise RuntimeError(
-        f"cannot restore the checkpoint of step {step} in {workdir / 'checkpoints'} "
-        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move that step's "
-        "folder aside to resume from an earlier one, or use a new --workdir"
-    ) from None
-
-
-def restore_latest(keep: int, workdir: epath.Path, abstract_state):
-  """``(manager, step, state)`` from the newest readable checkpoint, or
-  ``(manager, None, None)`` when the workdir has none.
-
-  A checkpoint that cannot be read is moved aside, never deleted, into
-  ``workdir/unreadable_checkpoints/`` (the log says which step and why), and
-  the next older one is tried. When none is readable, or a workdir holds only
-  checkpoints moved aside earlier, it stops with a one-line RuntimeError
-  rather than start again over the earlier run's records.
-  """
-  aside_dir = workdir / "unreadable_checkpoints"
-  saved = workdir / "checkpoints"
-  if aside_dir.exists() and not (saved.exists() and any(saved.iterdir())):
-    raise RuntimeError(  # before orbax starts any background work
-        f"no readable checkpoint in {saved}; unreadable ones were moved to "
-        f"{aside_dir}; nothing was deleted; use a new --workdir to start again")
-  manager = checkpoint_manager(keep, workdir)
-  skipped = []
-  while manager.latest_step() is not None:
-    step = manager.latest_step()
-    try:
-      return manager, step, restore(manager, step, abstract_state, workdir)
-    except RuntimeError as e:
-      if jax.process_count() > 1:
-        raise  # every process must agree; leave the choice to a person
-      aside = aside_dir / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
-      aside_dir.mkdir(exist_ok=True)
-      (saved / str(step)).rename(aside)
-      logging.warning("skipped the checkpoint of step %d, moved to %s: %s",
-                      step, aside, e)
-      skipped.append(f"step {step} (moved to {aside})")
-      manager.reload()  # the steps on disk, without the one moved aside
-  if skipped:
-    manager.close()
-    raise RuntimeError(
-        f"no readable checkpoint in {saved}: " + ", ".join(skipped)
-        + "; nothing was deleted; use a new --workdir to start again")
-  return manager, None, None
-
-
-_INTERVALS = "train_intervals.json"
-
-
-def save_interval(workdir: epath.Path, manager, step: int, first_step: int,
-                  history: list[dict[str, float]]) -> None:
-  """Records the per-step metrics of the log interval a checkpoint of
-  ``step`` cuts (steps ``first_step``..``step``), for :func:`load_interval`.
-  Entries of checkpoints that no longer exist are dropped."""
-  if jax.process_index() != 0:
-    return
-  path = workdir / _INTERVALS
-  saved = json.loads(path.read_text()) if path.exists() else {}
-  keep = {str(s) for s in manager.all_steps()}
-  saved = {k: v for k, v in saved.items() if k in keep}
-  saved[str(step)] = {"first_step": first_step, "history": history}
-  _write_new(path, json.dumps(saved, allow_nan=True))
-
-
-def load_interval(workdir: epath.Path, step: int) -> tuple[int, list[dict[str, float]]]:
-  """``(first step, per-step metrics)`` of the log interval that a run
-  restored at ``step`` is in the middle of (nothing when ``step`` ended one)."""
-  path = workdir / _INTERVALS
-  if path.exists():
-    entry = json.loads(path.read_text()).get(str(step))
-    if entry is not None:
-      return entry["first_step"], entry["history"]
-  return step + 1, []
-
-
-_THROUGHPUT = "train_throughput.json"
 def run_dir(root: epath.Path, objective: str, seed: int) -> epath.Path:
   """Where the harness (compare, study) keeps one run: ``ROOT/OBJECTIVE/seedN``."""
   return epath.Path(root) / objective / f"seed{seed}"
@@ -454,7 +356,7 @@ SUMMARY = "summary.json"
 
 def write_summary(workdir: epath.Path, summary: dict[str, Any]) -> None:
   """Writes a finished run's :data:`SUMMARY` (strict JSON)."""
-  _write_new(workdir / SUMMARY, json.dumps(
+  write_atomically(workdir / SUMMARY, json.dumps(
       summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
@@ -474,11 +376,14 @@ def finished(workdir: epath.Path) -> bool:
   return True
 
 
+_THROUGHPUT = "train_throughput.json"
+
+
 def save_throughput(workdir: epath.Path, images_per_s: float | None) -> None:
   """Records the training images/s this run measured (process 0); a rerun
   that trains nothing measures nothing and keeps the earlier figure."""
   if jax.process_index() == 0 and images_per_s is not None:
-    _write_new(workdir / _THROUGHPUT,
+    write_atomically(workdir / _THROUGHPUT,
                json.dumps({"train_images_per_s": images_per_s}) + "\n")
 
 

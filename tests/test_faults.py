@@ -15,7 +15,7 @@ import pytest
 
 from discrim_jax import pretrained
 from discrim_jax import train
-from discrim_jax import workdir as workdir_lib
+from discrim_jax import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 _SMOKE = ["--config=experiments/configs/fashion_mnist.py:smoke",
@@ -33,7 +33,8 @@ def _error_lines(stderr):
   return [l for l in stderr.splitlines() if l.startswith(("error:", "preempted:"))]
 
 
-# Each phase entered through the public function it starts with: restoring
+# Each phase entered through the public function it starts with (in
+# discrim_jax.checkpoints): restoring
 # (or initialising) the state, the last step, and the test's restore of the
 # best checkpoint.
 @pytest.mark.parametrize("phase", ["restore_latest", "last_step", "restore"])
@@ -46,12 +47,12 @@ def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
                                                                   signal.SIGTERM)
     where = "at step 10 of 10"
   else:
-    original = getattr(workdir_lib, phase)
+    original = getattr(checkpoints, phase)
 
     def signalled(*args):
       os.kill(os.getpid(), signal.SIGTERM)
       return original(*args)
-    monkeypatch.setattr(workdir_lib, phase, signalled)
+    monkeypatch.setattr(checkpoints, phase, signalled)
     where = {"restore_latest": "before training started",
              "restore": "during the test"}[phase]
   run = tmp_path / "cut"

@@ -158,8 +158,8 @@ def test_run_reports_representation_metrics(fashion, tmp_path, smoke_config,
   assert summary["representation_time_s"] > 0
   # The values are those of the best-validation checkpoint's features.
   program = runtime.build(config, dataset=fashion)
-  from discrim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  manager, step, state = workdir_lib.restore_latest(
+  from discrim_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  manager, step, state = checkpoints.restore_latest(
       config, tmp_path, program.abstract_state)
   manager.close()
   assert step == summary["best_validation_step"]

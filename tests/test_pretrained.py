@@ -179,7 +179,6 @@ def test_convert_cli_and_training_from_it(tmp_path, smoke_config):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from discrim_jax import runtime, train  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
 
   reference = torchvision.models.resnet18(weights=None)
