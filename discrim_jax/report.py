@@ -142,6 +142,15 @@ def metrics_table(results: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _finish(plt, fig, path: epath.Path, tight: bool = True) -> epath.Path:
+  """Lays out, saves and closes a figure; returns its path."""
+  if tight:
+    fig.tight_layout()
+  save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
 def plot_comparison(workdir: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
   """Writes a comparison's figures; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -170,10 +179,7 @@ def _accuracy_figure(plt, workdir: epath.Path, results: dict[str, Any]) -> list[
   ax.set_ylim(lo - 1, hi + 0.5)
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(f"Test accuracy, {seeds} seed(s), mean ± std")
-  fig.tight_layout()
-  paths.append(workdir / "accuracy.png")
-  save_figure(fig, paths[-1])
-  plt.close(fig)
+  paths.append(_finish(plt, fig, workdir / "accuracy.png"))
   return paths
 
 
@@ -197,10 +203,7 @@ def _curves_figure(plt, workdir: epath.Path, results: dict[str, Any]) -> list[ep
   axes[0].set(title="training cross-entropy (mean over seeds)", xlabel="step")
   axes[1].set(title="validation accuracy (mean over seeds)", xlabel="step")
   axes[1].legend()
-  fig.tight_layout()
-  paths.append(workdir / "curves.png")
-  save_figure(fig, paths[-1])
-  plt.close(fig)
+  paths.append(_finish(plt, fig, workdir / "curves.png"))
   return paths
 
 
@@ -222,10 +225,7 @@ def _impurity_figures(plt, workdir: epath.Path, results: dict[str, Any]) -> list
   ax.set(xlabel="per-feature Gini impurity (test set)", ylabel="features",
          title=f"Feature impurity at {layer} (seed 0)")
   ax.legend()
-  fig.tight_layout()
-  paths.append(workdir / "impurity_hist.png")
-  save_figure(fig, paths[-1])
-  plt.close(fig)
+  paths.append(_finish(plt, fig, workdir / "impurity_hist.png"))
 
   fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
   axes = np.atleast_1d(axes)
@@ -238,9 +238,7 @@ def _impurity_figures(plt, workdir: epath.Path, results: dict[str, Any]) -> list
     ax.set(title=f"{objective_name(o)}: P[feature, class]",
            xlabel="class", ylabel=f"{len(sample)} sampled features")
   fig.colorbar(im, ax=list(axes))
-  paths.append(workdir / "heatmap.png")
-  save_figure(fig, paths[-1])
-  plt.close(fig)
+  paths.append(_finish(plt, fig, workdir / "heatmap.png", tight=False))
   return paths
 
 
@@ -270,10 +268,7 @@ def _representation_figure(plt, workdir: epath.Path, results: dict[str, Any]) ->
       ax.set_title("Δ " + _metric_label(name), fontsize=8)
     fig.suptitle(f"Paired difference to CE, {seeds} seed(s), 95% t-intervals",
                  fontsize=9)
-    fig.tight_layout()
-    paths.append(workdir / "representation.png")
-    save_figure(fig, paths[-1])
-    plt.close(fig)
+    paths.append(_finish(plt, fig, workdir / "representation.png"))
   return paths
 
 
@@ -385,10 +380,7 @@ def _scarcity_figure(plt, out, cells_) -> list[epath.Path]:
     axes[1].set(ylabel="Δ test accuracy vs CE (points)",
                 title="paired difference, 95% t-interval")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "scarcity.png")
-    save_figure(fig, paths[-1])
-    plt.close(fig)
+    paths.append(_finish(plt, fig, out / "scarcity.png"))
   return paths
 
 
@@ -415,8 +407,5 @@ def _lambda_figure(plt, matplotlib, out, cells_, lambdas) -> list[epath.Path]:
     ax.set(xlabel="lambda_kl", ylabel="lambda_gini",
            title="Δ test accuracy vs CE (points)")
     fig.colorbar(im)
-    fig.tight_layout()
-    paths.append(out / "lambda.png")
-    save_figure(fig, paths[-1])
-    plt.close(fig)
+    paths.append(_finish(plt, fig, out / "lambda.png"))
   return paths
