@@ -47,7 +47,10 @@ def train_all(config, workdir: epath.Path, objectives, seeds,
               vmap_seeds: bool = False) -> None:
   """Trains the runs that have no summary yet (with ``vmap_seeds``, the
   missing seeds of an objective together, in one vmapped step). ``seeds``:
-  a count (seeds 0..N-1) or the seeds themselves."""
+  a count (seeds 0..N-1) or the seeds themselves. With
+  ``config.resample_subset`` each seed reads its own training subset, so a
+  ``dataset`` passed in must be the one of every seed's draw (None: each run
+  loads its own)."""
   seeds = range(seeds) if isinstance(seeds, int) else seeds
   for objective in objectives:
     todo = []
@@ -62,8 +65,8 @@ def train_all(config, workdir: epath.Path, objectives, seeds,
     run_config = copy.deepcopy(config)
     with run_config.unlocked():
       run_config.objective = objective
-    if dataset is None:
-      dataset = runtime.load_dataset_of(run_config)
+    if dataset is None and not run_config.get("resample_subset", False):
+      dataset = runtime.load_dataset_of(run_config)  # one for every seed
     groups = [todo] if vmap_seeds else [[seed] for seed in todo]
     for group in groups:
       logging.info("training %s seeds %s", objective, group)

@@ -77,7 +77,7 @@ def objective_name(objective: str) -> str:
 IDENTITY_FIELDS = (
     "dataset", "splits", "validation_holdout", "data_in_memory",
     "image_size", "normalize", "validation_seed", "train_subset",
-    "train_per_class",
+    "train_per_class", "resample_subset",
     "eval_subset", "model", "model_kwargs", "init_from", "objective", "loss",
     "num_epochs", "batch_size", "optimizer", "schedule", "seed")
 # ... and, for the baseline terms an objective uses, their settings
@@ -85,7 +85,8 @@ IDENTITY_FIELDS = (
 # were first recorded, with the value those runs had:
 _ADDED_IDENTITY_FIELDS = {
     "splits": {"train": "", "validation": "", "test": ""},
-    "validation_holdout": "", "data_in_memory": True, "train_per_class": 0}
+    "validation_holdout": "", "data_in_memory": True, "train_per_class": 0,
+    "resample_subset": False}
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names it and the way out."""
@@ -131,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.validation_seed = 0
   c.train_subset = 0  # >0: train on the first N training examples only
   c.train_per_class = 0  # >0: on the first N training examples of each class
+  # With train_per_class: each seed draws its own N examples of each class
+  # (CE and every objective share the draw of a seed, as they share its
+  # initialisation and data order) instead of all taking the first N.
+  c.resample_subset = False
   c.eval_subset = 0  # >0: evaluate on the first N validation/test examples
 
   c.model = "resnet18"

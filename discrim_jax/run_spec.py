@@ -85,7 +85,8 @@ class RunSpec:
     config = copy.deepcopy(self.config)
     with config.unlocked():
       config.seed = seed
-    return dataclasses.replace(self, seed=seed, config=config)
+    return dataclasses.replace(self, seed=seed, config=config,
+                               data_options=_data_options(config))
 
   @property
   def representation_layers(self) -> tuple[str, ...]:
@@ -145,7 +146,9 @@ def _data_options(config) -> dict[str, Any]:
       max_examples={"train": config.train_subset,
                     "validation": config.eval_subset,
                     "test": config.eval_subset},
-      train_per_class=config.get("train_per_class", 0))
+      train_per_class=config.get("train_per_class", 0),
+      train_subset_seed=(config.seed if config.get("resample_subset", False)
+                         else None))
 
 
 def _objective(config, terms: tuple[str, ...]) -> Objective:

@@ -45,6 +45,7 @@ from discrim_jax import runtime
 from discrim_jax import seed_groups
 from discrim_jax import stopping
 from discrim_jax import workdir as workdir_lib
+from discrim_jax.config_lib import ConfigError
 from discrim_jax.stopping import Preempted  # pylint: disable=unused-import
 
 
@@ -106,7 +107,13 @@ def _train_seeds(config, workdirs, step_callback, dataset):
                 for seed in seeds]
     for r in replicas:  # before the data is read or anything compiled
       workdir_lib.check_config(r.spec.config, r.workdir)
-    program = runtime.build(spec, dataset=dataset)
+    if spec.data_options["train_subset_seed"] is not None and len(seeds) > 1:
+      raise ConfigError(
+          "config.resample_subset gives each seed its own training images; "
+          "train the seeds one at a time (drop --vmap_seeds)")
+    # One seed: its own spec (the seed may choose its training subset).
+    program = runtime.build(replicas[0].spec if len(seeds) == 1 else spec,
+                            dataset=dataset)
     start = time.time()
     try:
       step, states = _restore_or_init(program, replicas)

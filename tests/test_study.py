@@ -165,3 +165,34 @@ def test_shards_divide_the_runs_once_each(smoke_config):
   for bad in ("4/4", "1", "a/b", "-1/2"):
     with pytest.raises(ConfigError, match="--shard=.*0 <= I < N"):
       study.parse_shard(bad)
+
+
+def test_each_seed_can_draw_its_own_subset(fashion_data_dir, smoke_config):
+  """config.resample_subset: seed s trains on its own random N per class,
+  the same draw whichever objective (the spec of seed s says which)."""
+  from discrim_jax import run_spec  # pylint: disable=g-import-not-at-top
+  config = smoke_config(train_per_class=3, train_subset=0, resample_subset=True,
+                        data_dir=fashion_data_dir)
+  spec = run_spec.resolve(config, 1)
+  draws = {}
+  for seed, objective in ((0, "ce"), (1, "ce"), (1, "gini_kl")):
+    options = spec.with_seed(seed).data_options
+    assert options["train_subset_seed"] == seed
+    ds = data.Dataset("fashion_mnist", **options)
+    images, labels = ds.arrays("train")
+    np.testing.assert_array_equal(np.bincount(labels), [3] * 10)
+    draws[seed, objective] = images
+  np.testing.assert_array_equal(draws[1, "ce"], draws[1, "gini_kl"])
+  assert not np.array_equal(draws[0, "ce"], draws[1, "ce"])
+  first = data.Dataset("fashion_mnist", **run_spec.resolve(
+      smoke_config(train_per_class=3, train_subset=0, data_dir=fashion_data_dir),
+      1).data_options).arrays("train")[0]
+  assert not np.array_equal(first, draws[0, "ce"])  # not the first 3 per class
+
+
+def test_resampled_subsets_refuse_vmapped_seeds(tmp_path, smoke_config):
+  from discrim_jax import train  # pylint: disable=g-import-not-at-top
+  config = smoke_config(train_per_class=3, train_subset=0, resample_subset=True)
+  with pytest.raises(ConfigError, match="one at a time.*--vmap_seeds"):
+    train.train_and_evaluate_seeds(config, {0: str(tmp_path / "a"),
+                                            1: str(tmp_path / "b")})

@@ -68,6 +68,8 @@ class Dataset:
     max_examples: split name -> keep only the first N examples (quick runs).
     train_per_class: > 0: train on the first N training examples of each
       class only (data-scarcity studies; applied before ``max_examples``).
+    train_subset_seed: with ``train_per_class``, draw the N examples of each
+      class at random with this seed instead of taking the first N.
   """
 
   def __init__(self, name: str, *, data_dir: str | None = None,
@@ -75,9 +77,10 @@ class Dataset:
                validation_size: int | None = None, holdout: str = "",
                splits: dict[str, str] | None = None, download: bool = True,
                max_examples: dict[str, int] | None = None,
-               train_per_class: int = 0):
+               train_per_class: int = 0, train_subset_seed: int | None = None):
     self.name = name
     self._per_class = train_per_class
+    self._subset_seed = train_subset_seed
     self._max_examples = {k: v for k, v in (max_examples or {}).items() if v}
     self._splits = {k: v for k, v in (splits or {}).items() if v}
     unknown = set(self._splits) - set(SPLITS)
@@ -231,8 +234,8 @@ class Dataset:
         sel["validation"] = (source, index[val], labels[val])
       if self._per_class and "train" in sel:
         source, index, labels = sel["train"]
-        sel["train"] = (source, *per_class_subset(index, labels, self._per_class,
-                                                  self.name))
+        sel["train"] = (source, *per_class_subset(
+            index, labels, self._per_class, self.name, self._subset_seed))
       for name, limit in self._max_examples.items():
         if name in sel:
           source, index, labels = sel[name]

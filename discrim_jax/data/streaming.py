@@ -61,7 +61,9 @@ class StreamingDataset:
                holdout: str = "", splits: dict[str, str] | None = None,
                download: bool = True,
                max_examples: dict[str, int] | None = None,
-               builder: Any = None, train_per_class: int = 0):
+               builder: Any = None, train_per_class: int = 0,
+               train_subset_seed: int | None = None):
+    del train_subset_seed  # only with train_per_class, refused below
     if train_per_class:
       raise ValueError(f"{name}: train_per_class needs every label in memory; "
                        "leave config.data_in_memory=True")

@@ -256,13 +256,18 @@ def holdout_count(n: int, spec: Spec, name: str) -> int | None:
   return count
 
 
-def per_class_subset(images, labels, per_class: int, name: str):
-  """The first ``per_class`` examples of each class, in their order."""
+def per_class_subset(images, labels, per_class: int, name: str,
+                     seed: int | None = None):
+  """``per_class`` examples of each class, in their order: the first ones,
+  or with ``seed`` a random draw of them (the same for the same seed)."""
   keep = np.zeros(len(labels), bool)
+  rng = None if seed is None else np.random.default_rng([seed, per_class])
   for c in np.unique(labels):
     members = np.flatnonzero(labels == c)
     if len(members) < per_class:
       raise ValueError(f"{name}: class {c} has {len(members)} training "
                        f"examples, fewer than train_per_class={per_class}")
+    if rng is not None:
+      members = np.sort(rng.choice(members, per_class, replace=False))
     keep[members[:per_class]] = True
   return images[keep], labels[keep]
