@@ -130,7 +130,8 @@ def describe(figure: dict[str, float], fmt: str = ".2f", scale: float = 1.0,
 
 
 def app_config(model: str, batch: int, dtype: str, with_losses: bool,
-               image_size: int = 32, **overrides):
+               image_size: int = 32, width_multiplier: float | None = None,
+               **overrides):
   """The config the benchmarks time: the app's defaults for ``model`` at
   ``image_size`` (32: the CIFAR stem; 224: the ImageNet stem), ``batch``
   images, compute ``dtype``; CE only (no auxiliary statistics at all)
@@ -139,6 +140,8 @@ def app_config(model: str, batch: int, dtype: str, with_losses: bool,
   config = config_lib.base_config()
   config_lib.model_defaults(config, model, image_size=image_size)
   config.model_kwargs.dtype = dtype
+  if width_multiplier is not None:
+    config.model_kwargs.width_multiplier = width_multiplier
   config.batch_size = config.eval_batch_size = batch
   config.num_epochs = 1
   if not with_losses:
@@ -148,13 +151,15 @@ def app_config(model: str, batch: int, dtype: str, with_losses: bool,
 
 
 def app_program(model: str, batch: int, dtype: str, with_losses: bool,
-                image_size: int = 32, num_classes: int = 100, **overrides):
+                image_size: int = 32, num_classes: int = 100,
+                width_multiplier: float | None = None, **overrides):
   """``runtime.build`` of :func:`app_config` on synthetic images of
   ``image_size`` (``num_classes`` classes)."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
   return runtime.build(
-      app_config(model, batch, dtype, with_losses, image_size, **overrides),
+      app_config(model, batch, dtype, with_losses, image_size,
+                 width_multiplier, **overrides),
       dataset=SyntheticDataset(num_classes=num_classes, num_examples=batch * 4,
                                image_shape=(image_size, image_size, 3)))
 

@@ -60,7 +60,7 @@ class Program:
 
   def jit(self, fn, **kwargs):
     """``jax.jit`` with the spec's XLA options."""
-    return jax.jit(fn, compiler_options=self.spec.compiler_options, **kwargs)
+    return _jit(self.spec, fn, **kwargs)
 
   def local_batches(self, split: str, *, train: bool, start_step: int = 0,
                     seed: int | None = None):
@@ -138,7 +138,7 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
   fns = _bound_steps(spec, model, dataset.num_classes, schedule,
                      steps_per_epoch)
   batch_sharding = NamedSharding(mesh, P("data"))
-  jit = functools.partial(jax.jit, compiler_options=spec.compiler_options,
+  jit = functools.partial(_jit, spec,
                           in_shardings=(state_sharding, batch_sharding))
   return Program(
       spec=spec, dataset=dataset, model=model, mesh=mesh,
@@ -152,6 +152,10 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
       features_step=jit(fns["features"], out_shardings=replicated),
       init_state=jax.jit(init_state, out_shardings=state_sharding),
       abstract_state=abstract_state)
+
+
+def _jit(spec, fn, **kwargs):
+  return jax.jit(fn, compiler_options=spec.compiler_options, **kwargs)
 
 
 def _bound_steps(spec, model, num_classes, schedule, steps_per_epoch):

@@ -53,14 +53,9 @@ def settings(tiny: bool) -> dict:
 
 def _program(model, s, with_losses):
   """The app's program for ``model`` at the size ``s``, on one device."""
-  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
-  from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
-  config = benchmarking.app_config(model, s["batch"], s["dtype"], with_losses,
-                                   s["image_size"], num_devices=1)
-  config.model_kwargs.width_multiplier = s["width"]
-  size = s["image_size"]
-  return runtime.build(config, dataset=SyntheticDataset(
-      num_classes=1000, image_shape=(size, size, 3), num_examples=s["batch"]))
+  return benchmarking.app_program(
+      model, s["batch"], s["dtype"], with_losses, image_size=s["image_size"],
+      num_classes=1000, width_multiplier=s["width"], num_devices=1)
 
 
 def resnet50(s, timing, peak: float) -> dict:
