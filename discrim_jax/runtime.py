@@ -117,41 +117,98 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
   dataset = load_dataset(spec) if dataset is None else dataset
   model = create_model(spec, dataset.num_classes)
   image_shape = (1,) + tuple(dataset.image_shape)
+  steps_per_epoch = data_lib.steps_per_epoch(dataset, spec.batch_size)
+  devices = tuple(devices[:spec.num_devices])
+  key = _steps_key(spec, dataset.num_classes, image_shape, steps_per_epoch,
+                   devices)
+  steps = _STEPS.pop(key, None)  # its layers were checked when first built
+  if steps is None:
+    steps = _compile_steps(spec, model, dataset.num_classes, image_shape,
+                           steps_per_epoch, devices)
+  spec.check_batch(dataset.num_examples("train"))
+  _STEPS[key] = steps  # the most recently used last
+  while len(_STEPS) > _MAX_CACHED_STEPS:
+    _STEPS.pop(next(iter(_STEPS)))
+  return Program(
+      spec=spec, dataset=dataset, model=model, mesh=steps.mesh,
+      state_sharding=steps.state_sharding, batch_sharding=steps.batch_sharding,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=spec.num_epochs * steps_per_epoch,
+      train_fn=steps.train_fn, eval_fn=steps.eval_fn,
+      train_step=steps.train_step, eval_step=steps.eval_step,
+      features_step=steps.features_step, init_state=steps.init_state,
+      abstract_state=steps.abstract_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+  """What :func:`build` jits for one key of :func:`_steps_key`."""
+  mesh: jax.sharding.Mesh
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  abstract_state: Any
+  train_fn: Callable[..., Any]
+  eval_fn: Callable[..., Any]
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  features_step: Callable[..., Any]
+  init_state: Callable[[int], step_fns.TrainState]
+
+
+# Jitted steps of recent builds in this process, by what they are built from:
+# a second build of the same run (another seed, a resumed run, the next run of
+# a harness) reuses them instead of tracing and lowering them again (~3 s for
+# the smallest model on a CPU). A few, since each holds its executables.
+_STEPS: dict[str, _Steps] = {}
+_MAX_CACHED_STEPS = 8
+# Fields of a RunSpec that the steps do not depend on: the seed enters
+# init_state as its argument, the data only through the key's other parts.
+_NOT_IN_STEPS = ("config", "seed", "data_options", "data_in_memory",
+                 "normalize", "log_every_steps", "eval_every_epochs",
+                 "keep_checkpoints", "checkpoint_every_steps")
+
+
+def _steps_key(spec, num_classes, image_shape, steps_per_epoch, devices):
+  fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+            if f.name not in _NOT_IN_STEPS}
+  # The step functions themselves are part of the key (a test may patch one),
+  # and so is x64, which changes what a trace gives.
+  return repr((sorted(fields.items()), num_classes, image_shape,
+               steps_per_epoch, devices, jax.config.jax_enable_x64,
+               step_fns.train_step,
+               step_fns.eval_step, step_fns.features_step, step_fns.init_fn))
+
+
+def _compile_steps(spec, model, num_classes, image_shape, steps_per_epoch,
+                   devices) -> _Steps:
   shapes = step_fns.feature_shapes(model, image_shape)
   spec.check_layers(shapes, model.__class__.__name__)
-  spec.check_batch(dataset.num_examples("train"))
-  mesh = jax.make_mesh((spec.num_devices,), ("data",),
-                       devices=devices[:spec.num_devices],
+  mesh = jax.make_mesh((spec.num_devices,), ("data",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
-  steps_per_epoch = data_lib.steps_per_epoch(dataset, spec.batch_size)
   schedule = optim.create_schedule(spec, steps_per_epoch)
   init_state = step_fns.init_fn(
       model, optim.create_optimizer(spec, schedule), image_shape,
       jnp.dtype(model.dtype), step_fns.aux_init_fn(
-          spec.objective.baselines, shapes, dataset.num_classes))
+          spec.objective.baselines, shapes, num_classes))
   replicated = NamedSharding(mesh, P())
   abstract_state = jax.eval_shape(init_state, 0)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
-  fns = _bound_steps(spec, model, dataset.num_classes, schedule,
-                     steps_per_epoch)
+  fns = _bound_steps(spec, model, num_classes, schedule, steps_per_epoch)
   batch_sharding = NamedSharding(mesh, P("data"))
   jit = functools.partial(_jit, spec,
                           in_shardings=(state_sharding, batch_sharding))
-  return Program(
-      spec=spec, dataset=dataset, model=model, mesh=mesh,
-      state_sharding=state_sharding, batch_sharding=batch_sharding,
-      steps_per_epoch=steps_per_epoch,
-      total_steps=spec.num_epochs * steps_per_epoch,
+  return _Steps(
+      mesh=mesh, state_sharding=state_sharding,
+      batch_sharding=batch_sharding, abstract_state=abstract_state,
       train_fn=fns["train"], eval_fn=fns["eval"],
       train_step=jit(fns["train"], out_shardings=(state_sharding, replicated),
                      donate_argnums=0),
       eval_step=jit(fns["eval"], out_shardings=replicated),
       features_step=jit(fns["features"], out_shardings=replicated),
-      init_state=jax.jit(init_state, out_shardings=state_sharding),
-      abstract_state=abstract_state)
+      init_state=jax.jit(init_state, out_shardings=state_sharding))
 
 
 def _jit(spec, fn, **kwargs):

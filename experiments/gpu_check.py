@@ -45,17 +45,22 @@ TARGET_IMAGES_PER_S = 8000.0
 def settings(tiny: bool) -> dict:
   """What is measured: the full size, or the tiny CPU size of the suite."""
   if tiny:
+    # One block per stage: the same code and every kind of layer, at a
+    # fraction of the full depth's compile time.
     return dict(image_size=32, batch=8, width=0.125, dtype="float32",
-                rounds=2, steps_per_round=1, warmup=1)
+                rounds=2, steps_per_round=1, warmup=1,
+                depth={"resnet50": {"stage_sizes": (1, 1, 1, 1)},
+                       "cvt13": {"depths": (1, 1, 1)}})
   return dict(image_size=224, batch=256, width=1.0, dtype="bfloat16",
-              rounds=5, steps_per_round=10, warmup=2)
+              rounds=5, steps_per_round=10, warmup=2, depth={})
 
 
 def _program(model, s, with_losses):
   """The app's program for ``model`` at the size ``s``, on one device."""
   return benchmarking.app_program(
       model, s["batch"], s["dtype"], with_losses, image_size=s["image_size"],
-      num_classes=1000, width_multiplier=s["width"], num_devices=1)
+      num_classes=1000, width_multiplier=s["width"], num_devices=1,
+      model_kwargs=s["depth"].get(model, {}))
 
 
 def resnet50(s, timing, peak: float) -> dict:

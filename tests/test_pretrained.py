@@ -196,7 +196,8 @@ def test_convert_cli_and_training_from_it(tmp_path, smoke_config):
                          env=dict(os.environ, PYTHONPATH=str(repo)))
   assert again.returncode == 1 and "exists" in again.stderr
 
-  config = smoke_config(**{"model_kwargs.width_multiplier": 1.0})
+  config = smoke_config(**{"model_kwargs.width_multiplier": 1.0,
+                           "model_kwargs.stage_sizes": (2, 2, 2, 2)})
   config.unlock()
   config.model_kwargs.stem = "imagenet"
   config.init_from = str(out)

@@ -152,3 +152,25 @@ def test_build_on_given_devices(smoke_config):
   config.num_devices = 1
   program = runtime.build(config, dataset=dataset, devices=devices)
   assert list(program.mesh.devices.flat) == devices[:1]
+
+
+def test_a_second_build_of_the_same_steps_reuses_them(smoke_config):
+  """Another seed, cadence or run of the same steps reuses their jitted
+  functions (no new trace); a change the steps depend on does not."""
+  dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
+                             num_examples=64)
+  first = runtime.build(smoke_config(), dataset=dataset)
+  again = runtime.build(smoke_config(seed=3, log_every_steps=1,
+                                     keep_checkpoints=1), dataset=dataset)
+  assert again.train_step is first.train_step
+  assert again.init_state is first.init_state and again.spec.seed == 3
+  other = runtime.build(smoke_config(**{"optimizer.lr": 0.05}), dataset=dataset)
+  assert other.train_step is not first.train_step
+  # The same spec on other data (another number of steps per epoch): new steps.
+  bigger = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
+                            num_examples=128)
+  assert runtime.build(smoke_config(), dataset=bigger).train_step is not (
+      first.train_step)
+  # The checks of a build still run (a layer the model lacks).
+  with pytest.raises(runtime.ConfigError, match="stage9"):
+    runtime.build(smoke_config(**{"loss.layers": ("stage9",)}), dataset=dataset)

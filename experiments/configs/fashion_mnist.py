@@ -10,7 +10,7 @@ images (the 5,000 validation and 10,000 test images are all used), batch 256,
 SGD with the reference recipe's momentum and weight decay and a cosine
 schedule from lr 0.1; the losses act on stage4 from epoch 1 on (the reference
 recipe also trains with CE alone first). The ``:smoke`` variant is a tiny
-model and a few steps (seconds, for tests and CI).
+model (one block per stage) and a few steps (seconds, for tests and CI).
 """
 
 from discrim_jax import config_lib
@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.log_every_steps = 26
   if args.smoke:
     c.model_kwargs.width_multiplier = 0.125
+    c.model_kwargs.stage_sizes = (1, 1, 1, 1)  # one block per stage
     c.num_epochs = 2
     c.batch_size = 64
     c.eval_batch_size = 500
