@@ -1,0 +1,280 @@
+"""The verdict: every objective tuned alike on validation, then confirmed on
+fresh seeds against tuned CE (issue #28).
+
+For each regime (a data set at some images per class, trained a fixed number
+of steps), the protocol is fixed before any run:
+
+1. **Tuning, the same budget for every objective**: ``NUM_CANDIDATES``
+   settings x ``TUNING_SEEDS``. Candidate 0 is the app's defaults; the others
+   are drawn (log-uniformly, from a generator seeded by the objective's name)
+   for the learning rate, the weight decay and each of the objective's own
+   term weights (``SEARCH``; CE has only the first two).
+2. **Choice on validation only**: the candidate with the highest mean best
+   validation accuracy over the tuning seeds (ties: the lower index).
+3. **Confirmation**: the chosen setting of each objective on the
+   ``FRESH_SEEDS``, which tuning never used. With ``resample_subset`` each
+   seed draws its own training images; CE and every objective share a seed's
+   draw, initialisation and order, so the comparison is paired.
+4. **Primary comparisons**, declared here: each objective's confirmation test
+   accuracy against CE's, per regime; paired 95% t-intervals, t and exact
+   sign-flip p-values, and Holm's correction over every primary comparison of
+   the file (all regimes together).
+
+Runs live in ``WORKDIR/REGIME/tune/cK/OBJECTIVE/seedS`` and
+``WORKDIR/REGIME/confirm/OBJECTIVE/seedS``; finished runs are never redone, so
+the whole protocol resumes by rerunning its command. ``verdict.json`` keeps
+every run's seed and accuracies, so each figure recomputes from it.
+"""
+
+from __future__ import annotations
+
+from discrim_jax import _app
+
+_app.require(__name__)
+
+import dataclasses
+import json
+import math
+import zlib
+from typing import Any
+
+from absl import logging
+from etils import epath
+import numpy as np
+
+from discrim_jax import compare
+from discrim_jax import config_lib
+from discrim_jax import stats as stats_lib
+from discrim_jax import study
+from discrim_jax import workdir as workdir_lib
+from discrim_jax.config_lib import ConfigError
+
+NUM_CANDIDATES = 6
+TUNING_SEEDS = (0, 1)
+FRESH_SEEDS = tuple(range(100, 110))
+# Log-uniform ranges: the learning rate and weight decay of every objective,
+# and each term weight from a tenth to ten times its default.
+SEARCH = {"optimizer.lr": (0.03, 0.3), "optimizer.weight_decay": (1e-4, 3e-3)}
+TERM_WEIGHTS = {"gini": ("loss.lambda_gini",), "kl": ("loss.lambda_kl",),
+                "center": ("baseline.center.weight",),
+                "opl": ("baseline.opl.weight",),
+                "supcon": ("baseline.supcon.weight",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+  """A data set at ``per_class`` training images of each class, trained
+  ``steps`` steps of ``batch``."""
+  name: str
+  per_class: int
+  steps: int = study.STEPS
+  batch: int = study.BATCH
+
+
+def _get(config, field: str):
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def candidates(objective: str, base) -> list[dict[str, float]]:
+  """The tuning settings of ``objective`` (dotted fields and values):
+  candidate 0 is ``base``'s own, the rest drawn from :data:`SEARCH`."""
+  fields = list(SEARCH) + [f for t in config_lib.objective_terms(objective)
+                           for f in TERM_WEIGHTS[t]]
+  ranges = {f: SEARCH.get(f) or (0.1 * _get(base, f), 10 * _get(base, f))
+            for f in fields}
+  rng = np.random.default_rng(zlib.crc32(objective.encode()))
+  out = [{f: float(_get(base, f)) for f in fields}]
+  for _ in range(NUM_CANDIDATES - 1):
+    out.append({f: float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+                for f, (lo, hi) in ranges.items()})
+  return out
+
+
+def regime_config(base, regime: Regime, num_classes: int):
+  """``base`` at the regime's size, each seed drawing its own images, no
+  representation metrics (the verdict is on accuracy)."""
+  config = study.scarcity_config(base, regime.per_class, num_classes,
+                                 steps=regime.steps, batch=regime.batch)
+  return config_lib.with_fields(config, resample_subset=True,
+                                **{"representation.enabled": False})
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  regime: str
+  phase: str  # "tune" or "confirm"
+  objective: str
+  candidate: int | None
+  seed: int
+
+  def folder(self, out: epath.Path) -> epath.Path:
+    where = out / self.regime / self.phase
+    if self.candidate is not None:
+      where = where / f"c{self.candidate}"
+    return workdir_lib.run_dir(where, self.objective, self.seed)
+
+
+def tuning_runs(regimes, objectives) -> list[Run]:
+  return [Run(r.name, "tune", o, k, s) for r in regimes for o in objectives
+          for k in range(NUM_CANDIDATES) for s in TUNING_SEEDS]
+
+
+def confirm_runs(regimes, objectives) -> list[Run]:
+  return [Run(r.name, "confirm", o, None, s) for r in regimes
+          for o in objectives for s in FRESH_SEEDS]
+
+
+def _validation(out, run: Run) -> float | None:
+  folder = run.folder(out)
+  if not workdir_lib.finished(folder):
+    return None
+  return workdir_lib.read_summary(folder)["best_validation_accuracy"]
+
+
+def choose(out, regime: Regime, objective: str) -> int | None:
+  """The chosen candidate (validation only), or None until tuning is done."""
+  means = []
+  for k in range(NUM_CANDIDATES):
+    values = [_validation(out, Run(regime.name, "tune", objective, k, s))
+              for s in TUNING_SEEDS]
+    if None in values:
+      return None
+    means.append(float(np.mean(values)))
+  return int(np.argmax(means))  # the first of equal means
+
+
+def _train(out, config, run: Run) -> None:
+  compare.train_all(config, run.folder(out).parent.parent, [run.objective],
+                    [run.seed])
+
+
+def run_verdict(base, workdir: str, regimes: list[Regime],
+                objectives=config_lib.COMPARED_OBJECTIVES,
+                shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+  """Trains what is missing (tuning first, then each objective's chosen
+  setting on the fresh seeds), then writes ``verdict.json`` and
+  ``verdict.md``. With ``shard=(i, n)`` trains every n-th missing run from
+  the i-th; a shard that finds confirmation waiting on another's tuning
+  stops, and rerunning it later goes on."""
+  from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
+  if "ce" not in objectives:
+    raise ConfigError("the verdict compares with CE: --objectives must "
+                      f"include ce, got {list(objectives)}")
+  out = epath.Path(workdir)
+  num_classes = runtime.load_dataset_of(base).num_classes
+  configs = {r.name: regime_config(base, r, num_classes) for r in regimes}
+  by_name = {r.name: r for r in regimes}
+  out.mkdir(parents=True, exist_ok=True)
+  for regime in regimes:  # one regime done before the next is started
+    runs = (tuning_runs([regime], objectives)
+            + confirm_runs([regime], objectives))
+    for run in study.shard_of(runs, shard):
+      if workdir_lib.finished(run.folder(out)):
+        continue
+      k, phase = run.candidate, run.phase
+      if phase == "confirm":
+        k = choose(out, by_name[run.regime], run.objective)
+        if k is None:
+          logging.info("%s: tuning of %s not finished; its confirmation waits",
+                       run.regime, run.objective)
+          continue
+      setting = candidates(run.objective, base)[k]
+      logging.info("%s %s %s candidate %d seed %d: %s", run.regime, phase,
+                   run.objective, k, run.seed, setting)
+      _train(out, config_lib.with_fields(configs[run.regime], **setting), run)
+  results = summarize(out, base, regimes, objectives)
+  (out / "verdict.json").write_text(json.dumps(results, indent=2,
+                                               allow_nan=False) + "\n")
+  (out / "verdict.md").write_text(markdown(results))
+  return results
+
+
+def _confirmed(out, regime: Regime, objective: str) -> list[dict[str, Any]] | None:
+  runs = []
+  for seed in FRESH_SEEDS:
+    folder = Run(regime.name, "confirm", objective, None, seed).folder(out)
+    if not workdir_lib.finished(folder):
+      return None
+    s = workdir_lib.read_summary(folder)
+    runs.append({"seed": seed, "test_accuracy": s["test_accuracy"],
+                 "best_validation_accuracy": s["best_validation_accuracy"]})
+  return runs
+
+
+def summarize(out, base, regimes, objectives) -> dict[str, Any]:
+  """Per regime and objective: every candidate's validation accuracies, the
+  choice, the confirmation runs, and the paired comparison with CE."""
+  rows: dict[str, Any] = {}
+  for regime in regimes:
+    row = rows[regime.name] = {"regime": dataclasses.asdict(regime),
+                               "objectives": {}}
+    for objective in objectives:
+      tried = candidates(objective, base)
+      entry = {"candidates": [
+          {"setting": setting, "validation_accuracy": [
+              _validation(out, Run(regime.name, "tune", objective, k, s))
+              for s in TUNING_SEEDS]} for k, setting in enumerate(tried)],
+               "chosen": choose(out, regime, objective)}
+      entry["confirm"] = (_confirmed(out, regime, objective)
+                          if entry["chosen"] is not None else None)
+      row["objectives"][objective] = entry
+    ce = row["objectives"]["ce"]["confirm"]
+    for objective, entry in row["objectives"].items():
+      if objective != "ce" and ce and entry["confirm"]:
+        entry["test_accuracy"] = stats_lib.paired(
+            [r["test_accuracy"] for r in entry["confirm"]],
+            [r["test_accuracy"] for r in ce])
+  family = [(r, o) for r, row in rows.items() for o, e in row["objectives"].items()
+            if "test_accuracy" in e]
+  for (r, o), p in zip(family, stats_lib.holm(
+      [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in family])):
+    rows[r]["objectives"][o]["test_accuracy"]["p_holm"] = p
+  return {"protocol": {"candidates": NUM_CANDIDATES,
+                       "tuning_seeds": list(TUNING_SEEDS),
+                       "fresh_seeds": list(FRESH_SEEDS),
+                       "search": {k: list(v) for k, v in SEARCH.items()},
+                       "term_weights": "0.1x to 10x the default, log-uniform",
+                       "choice": "highest mean best validation accuracy",
+                       "holm_family": len(family)},
+          "regimes": rows}
+
+
+def _setting(entry) -> str:
+  if entry["chosen"] is None:
+    return "tuning"
+  setting = entry["candidates"][entry["chosen"]]["setting"]
+  return ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in setting.items())
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """One table per regime: the tuned setting, the confirmation's test
+  accuracy and its paired comparison with tuned CE."""
+  lines = ["Each objective tuned on validation with the same budget "
+           f"({results['protocol']['candidates']} settings x "
+           f"{len(TUNING_SEEDS)} seeds), then trained on "
+           f"{len(FRESH_SEEDS)} fresh seeds; Δ: paired difference to tuned "
+           "CE on test, 95% t-interval; p (Holm) over "
+           f"{results['protocol']['holm_family']} primary comparisons.", ""]
+  for name, row in results["regimes"].items():
+    lines += [f"## {name}", "",
+              "| objective | tuned setting | test acc. (%) | Δ to CE (points) "
+              "| p (t) | p (Holm) | p (sign flip) |", "|---|---|---|---|---|---|---|"]
+    for objective, entry in row["objectives"].items():
+      runs = entry["confirm"]
+      acc = (f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f} ± "
+             f"{100 * np.std([r['test_accuracy'] for r in runs], ddof=1):.2f}"
+             if runs else "–")
+      t = entry.get("test_accuracy")
+      if t and t["diff_to_ce_ci95"]:
+        lo, hi = t["diff_to_ce_ci95"]
+        diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–"
+              for k in ("p_t", "p_holm", "p_sign_flip")]
+      else:
+        diff, ps = "–", ["–"] * 3
+      lines.append(f"| {config_lib.objective_name(objective)} | "
+                   f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
+    lines.append("")
+  return "\n".join(lines)

@@ -1,0 +1,78 @@
+r"""Does the loss beat CE once everything is tuned alike? One command.
+
+  python experiments/verdict.py --config=experiments/configs/fashion_mnist.py \
+    --workdir=workdirs/verdict_fashion --per_class=20,500
+
+Every objective (CE included) gets the same tuning budget on validation; each
+chosen setting is then trained on 10 fresh seeds, and only those runs are
+compared with tuned CE (paired intervals, Holm over every comparison). See
+discrim_jax/verdict.py for the protocol. Finished runs are never redone:
+rerun the command to resume. --shard=I/N divides the runs between processes
+(a SLURM job array); a shard whose confirmation waits on another's tuning
+stops, and its rerun goes on.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from discrim_jax import cli
+from discrim_jax.cli import parse_flags, run_with_one_line_errors
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base experiment config (experiments/configs/*.py[:args]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs and results.")
+_PER_CLASS = flags.DEFINE_list("per_class", ["20", "500"],
+                               "The regimes: training images per class.")
+_STEPS = flags.DEFINE_integer("steps", 600, "Training steps of every run.")
+_BATCH = flags.DEFINE_integer("batch", 100, "Batch size of every run.")
+_OBJECTIVES = flags.DEFINE_list(
+    "objectives", None, "Objectives (default: CE, CE+Gini+KL and the baselines).")
+_SHARD = flags.DEFINE_string("shard", "", "I/N: train only shard I of N.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from discrim_jax import config_lib, study, verdict  # pylint: disable=g-import-not-at-top
+
+  def regimes():
+    try:
+      sizes = [int(n) for n in _PER_CLASS.value]
+    except ValueError:
+      sizes = [0]
+    if not sizes or min(sizes) < 1:
+      raise config_lib.ConfigError(
+          f"--per_class={','.join(_PER_CLASS.value)} must be positive whole "
+          "numbers, e.g. --per_class=20,500")
+    return [verdict.Regime(f"{n}_per_class", n, _STEPS.value, _BATCH.value)
+            for n in sizes]
+
+  if run_with_one_line_errors(lambda: cli.dry_run("verdict", [
+      verdict.regime_config(_CONFIG.value, r, 10) for r in regimes()])):
+    return
+  shard = run_with_one_line_errors(lambda: study.parse_shard(_SHARD.value))
+  objectives = tuple(_OBJECTIVES.value or config_lib.COMPARED_OBJECTIVES)
+
+  def run():
+    if shard is None:
+      with cli.in_workdir(_WORKDIR.value):
+        return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
+                                   objectives)
+    cli.route_logs(f"{_WORKDIR.value}/shard_{shard[0]}_of_{shard[1]}")
+    return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
+                               objectives, shard)
+
+  results = run_with_one_line_errors(run)
+  print(verdict.markdown(results))
+  print(f"verdict.md and verdict.json in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

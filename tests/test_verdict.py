@@ -1,0 +1,69 @@
+"""The verdict's protocol (issue #28): equal tuning budgets, the choice on
+validation only, fresh seeds for the comparison, Holm over the family."""
+
+import json
+
+import numpy as np
+import pytest
+
+from discrim_jax import config_lib
+from discrim_jax import stats
+from discrim_jax import verdict
+from discrim_jax import workdir as workdir_lib
+
+
+def test_every_objective_gets_the_same_budget_over_its_own_knobs(smoke_config):
+  base = smoke_config()
+  for objective in config_lib.COMPARED_OBJECTIVES:
+    tried = verdict.candidates(objective, base)
+    assert len(tried) == verdict.NUM_CANDIDATES, objective
+    assert tried[0]["optimizer.lr"] == base.optimizer.lr  # the defaults first
+    assert len({json.dumps(t, sort_keys=True) for t in tried}) == len(tried)
+    # Drawn, not fixed: every candidate inside its range.
+    for t in tried[1:]:
+      assert 0.03 <= t["optimizer.lr"] <= 0.3
+      assert 1e-4 <= t["optimizer.weight_decay"] <= 3e-3
+  assert set(verdict.candidates("ce", base)[0]) == set(verdict.SEARCH)
+  weights = verdict.candidates("gini_kl", base)
+  for t in weights[1:]:
+    assert 0.1 * base.loss.lambda_gini <= t["loss.lambda_gini"] <= 10 * base.loss.lambda_gini
+  # The same draw in every process (a study resumed elsewhere).
+  assert verdict.candidates("opl", base) == verdict.candidates("opl", base)
+  assert not set(verdict.FRESH_SEEDS) & set(verdict.TUNING_SEEDS)
+
+
+def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_path,
+                                                      monkeypatch, smoke_config):
+  monkeypatch.setattr(verdict, "NUM_CANDIDATES", 2)
+  monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102))
+  base = smoke_config(data_dir=fashion_data_dir)
+  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20)
+  objectives = ("ce", "gini_kl")
+  results = verdict.run_verdict(base, str(tmp_path), [regime], objectives)
+  row = results["regimes"]["4_per_class"]["objectives"]
+  for objective in objectives:
+    entry = row[objective]
+    means = [np.mean(c["validation_accuracy"]) for c in entry["candidates"]]
+    assert entry["chosen"] == int(np.argmax(means))
+    assert [r["seed"] for r in entry["confirm"]] == [100, 101, 102]
+    # The confirmation trained the chosen setting.
+    run = verdict.Run("4_per_class", "confirm", objective, None, 100)
+    config = json.loads((run.folder(tmp_path) / "config.json").read_text())
+    chosen = entry["candidates"][entry["chosen"]]["setting"]
+    assert config["optimizer"]["lr"] == pytest.approx(chosen["optimizer.lr"])
+    assert config["resample_subset"] and config["seed"] == 100
+  # CE and the loss share each fresh seed: the comparison is paired, and
+  # recomputes from the values kept in the JSON.
+  kept = json.loads((tmp_path / "verdict.json").read_text())
+  loss = kept["regimes"]["4_per_class"]["objectives"]["gini_kl"]
+  again = stats.paired([r["test_accuracy"] for r in loss["confirm"]],
+                       [r["test_accuracy"] for r in row["ce"]["confirm"]])
+  assert loss["test_accuracy"]["diff_to_ce_mean"] == again["diff_to_ce_mean"]
+  assert loss["test_accuracy"]["p_holm"] == loss["test_accuracy"]["p_t"]  # one
+  assert "| CE+Gini+KL |" in (tmp_path / "verdict.md").read_text()
+  # Rerunning trains nothing: every run is finished.
+  finished = {p: p.stat().st_mtime for p in tmp_path.glob("**/summary.json")}
+  assert len(finished) == 2 * 2 * 2 + 2 * 3
+  verdict.run_verdict(base, str(tmp_path), [regime], objectives)
+  assert {p: p.stat().st_mtime for p in tmp_path.glob("**/summary.json")} == finished
+  assert workdir_lib.finished(run.folder(tmp_path))
