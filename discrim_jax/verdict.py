@@ -49,7 +49,7 @@ from discrim_jax import study
 from discrim_jax import workdir as workdir_lib
 from discrim_jax.config_lib import ConfigError
 
-NUM_CANDIDATES = 6
+NUM_CANDIDATES = 4
 TUNING_SEEDS = (0, 1)
 FRESH_SEEDS = tuple(range(100, 110))
 # Log-uniform ranges: the learning rate and weight decay of every objective,
