@@ -23,7 +23,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup setup-test data run test bench bench-input clean
+# The fonts of the 100-class `fonts` data set (discrim_jax/data/fonts.py
+# PACKAGES, which a test keeps equal to this list); only `make fonts` installs them.
+FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation \
+  fonts-freefont-ttf fonts-urw-base35 fonts-croscore fonts-crosextra-carlito \
+  fonts-crosextra-caladea fonts-open-sans fonts-roboto-unhinted \
+  fonts-linuxlibertine fonts-ebgaramond fonts-noto-core fonts-texgyre \
+  fonts-paratype fonts-lato fonts-gfs-didot fonts-gfs-artemisia
+FONTS_CACHE := $(HOME)/.cache/discrim_jax/fonts
+FONTS_ERROR := error: could not get Debian's font packages ($(FONT_PACKAGES)): apt needs the network or a mirror
+
+.PHONY: setup setup-test data fonts run test bench bench-input clean
 
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
@@ -63,6 +73,19 @@ data:
 	  mkdir -p $(FMNIST_CACHE) && cd $(FMNIST_CACHE) && apt-get download dataset-fashion-mnist && \
 	  dpkg -x dataset-fashion-mnist_*.deb . && rm -f dataset-fashion-mnist_*.deb; \
 	fi
+
+fonts:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  { apt-get install -y -qq $(FONT_PACKAGES) || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FONT_PACKAGES); }; } \
+	    >/dev/null 2>&1 || { echo "$(FONTS_ERROR)"; exit 1; }; \
+	else \
+	  echo "no root: unpacking Debian's font packages into $(FONTS_CACHE)"; \
+	  mkdir -p $(FONTS_CACHE) && cd $(FONTS_CACHE) && \
+	  { apt-get download $(FONT_PACKAGES) >/dev/null 2>&1 || { echo "$(FONTS_ERROR)"; exit 1; }; } && \
+	  for f in *.deb; do dpkg -x $$f .; done && rm -f *.deb; \
+	fi
+	@echo "fonts installed: train with --config=experiments/configs/fonts.py"
 
 # The default job: CE vs CE+Gini+KL on the real Fashion-MNIST, on the CPU.
 run: setup data

@@ -39,6 +39,8 @@ SPECS = {
     "caltech101": Spec("caltech101", "test", holdout_per_class=5,
                         resize="stretch"),
     "fashion_mnist": Spec("debian_fashion_mnist", "test", holdout=5000),
+    # 100 characters from Debian's fonts; its own validation typefaces.
+    "fonts": Spec("debian_fonts"),
 }
 
 
@@ -125,6 +127,9 @@ def open_builder(spec: Spec, data_dir: str | None) -> Any:
   if spec.tfds_name == "debian_fashion_mnist":
     from discrim_jax.data.fashion_mnist import DebianFashionMnist  # pylint: disable=g-import-not-at-top
     return DebianFashionMnist(data_dir=data_dir)
+  if spec.tfds_name == "debian_fonts":
+    from discrim_jax.data.fonts import DebianFonts  # pylint: disable=g-import-not-at-top
+    return DebianFonts(data_dir=data_dir)
   try:
     return tfds.builder(spec.tfds_name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
