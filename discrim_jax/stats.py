@@ -39,8 +39,7 @@ def paired(values, base) -> dict[str, Any]:
   if len(diff) < 2:
     return out
   sd = diff.std(ddof=1)
-  half = float(stats.t.ppf(0.975, len(diff) - 1)) * sd / math.sqrt(len(diff))
-  out["diff_to_ce_ci95"] = [float(diff.mean() - half), float(diff.mean() + half)]
+  out["diff_to_ce_ci95"] = t_interval(diff, 0.95)
   if sd > 0:
     out["p_t"] = float(stats.ttest_1samp(diff, 0.0).pvalue)
   elif diff.mean() != 0:
@@ -51,6 +50,16 @@ def paired(values, base) -> dict[str, Any]:
       (diff,), np.mean, permutation_type="samples", n_resamples=np.inf,
       alternative="two-sided").pvalue)
   return out
+
+
+def t_interval(diff, level: float) -> list[float]:
+  """The two-sided t-interval of the mean of ``diff`` at ``level`` (e.g.
+  1 - 0.05 / m: Bonferroni's simultaneous interval over m comparisons)."""
+  from scipy import stats
+  diff = np.asarray(diff, float)
+  half = float(stats.t.ppf(0.5 + level / 2, len(diff) - 1)) * (
+      diff.std(ddof=1) / math.sqrt(len(diff)))
+  return [float(diff.mean() - half), float(diff.mean() + half)]
 
 
 def holm(pvalues: list[float | None]) -> list[float | None]:

@@ -44,6 +44,7 @@ import numpy as np
 
 from discrim_jax import compare
 from discrim_jax import config_lib
+from discrim_jax import report
 from discrim_jax import stats as stats_lib
 from discrim_jax import study
 from discrim_jax import workdir as workdir_lib
@@ -188,6 +189,7 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   (out / "verdict.json").write_text(json.dumps(results, indent=2,
                                                allow_nan=False) + "\n")
   (out / "verdict.md").write_text(markdown(results))
+  plot(out, results)
   return results
 
 
@@ -198,8 +200,11 @@ def _confirmed(out, regime: Regime, objective: str) -> list[dict[str, Any]] | No
     if not workdir_lib.finished(folder):
       return None
     s = workdir_lib.read_summary(folder)
+    curve = [[r["step"], r["accuracy"]] for r in workdir_lib.read_records(
+        folder / "metrics.jsonl") if r["split"] == "validation"]
     runs.append({"seed": seed, "test_accuracy": s["test_accuracy"],
-                 "best_validation_accuracy": s["best_validation_accuracy"]})
+                 "best_validation_accuracy": s["best_validation_accuracy"],
+                 "validation_curve": curve})
   return runs
 
 
@@ -230,7 +235,13 @@ def summarize(out, base, regimes, objectives) -> dict[str, Any]:
             if "test_accuracy" in e]
   for (r, o), p in zip(family, stats_lib.holm(
       [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in family])):
-    rows[r]["objectives"][o]["test_accuracy"]["p_holm"] = p
+    entry = rows[r]["objectives"][o]
+    entry["test_accuracy"]["p_holm"] = p
+    # Bonferroni's simultaneous interval over the family (Holm's first step).
+    ce = rows[r]["objectives"]["ce"]["confirm"]
+    entry["simultaneous_ci"] = stats_lib.t_interval(
+        [a["test_accuracy"] - b["test_accuracy"]
+         for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
   return {"protocol": {"candidates": NUM_CANDIDATES,
                        "tuning_seeds": list(TUNING_SEEDS),
                        "fresh_seeds": list(FRESH_SEEDS),
@@ -278,3 +289,72 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
     lines.append("")
   return "\n".join(lines)
+
+
+def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
+  """``verdict_forest.png`` (every primary Δ with its 95% and its
+  simultaneous interval) and ``verdict_curves.png`` (the confirmation runs'
+  validation accuracy over training), once there is something to draw."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [(r, o, e) for r, row in results["regimes"].items()
+          for o, e in row["objectives"].items() if e.get("test_accuracy")
+          and e["test_accuracy"]["diff_to_ce_ci95"]]
+  paths = []
+  if rows:
+    paths.append(_forest(plt, out, rows))
+  curves = {r: {o: e["confirm"] for o, e in row["objectives"].items()
+                if e.get("confirm")} for r, row in results["regimes"].items()}
+  curves = {r: c for r, c in curves.items() if c}
+  if curves:
+    paths.append(_curves(plt, out, curves))
+  return paths
+
+
+def _forest(plt, out, rows) -> epath.Path:
+  m = len(rows)
+  fig, ax = plt.subplots(figsize=(7, 0.45 * m + 1.4))
+  for y, (regime, objective, entry) in enumerate(reversed(rows)):
+    ce = entry["test_accuracy"]
+    lo, hi = (100 * v for v in ce["diff_to_ce_ci95"])
+    slo, shi = (100 * v for v in entry["simultaneous_ci"])
+    ax.plot([slo, shi], [y, y], color="0.6", lw=1)
+    ax.plot([lo, hi], [y, y], color="C0", lw=3)
+    survives = ce.get("p_holm") is not None and ce["p_holm"] < 0.05
+    ax.plot(100 * ce["diff_to_ce_mean"], y, "o", color="C3" if survives else "C0",
+            mfc="C3" if survives else "white")
+  ax.axvline(0, color="k", lw=0.8)
+  ax.set_yticks(range(m))
+  ax.set_yticklabels([f"{r}: {config_lib.objective_name(o)}"
+                      for r, o, _ in reversed(rows)])
+  ax.set_xlabel("test accuracy, difference to tuned CE (points)")
+  ax.set_title(f"Paired Δ over {len(FRESH_SEEDS)} fresh seeds: 95% interval "
+               f"(thick), simultaneous\nover the {m} comparisons (thin); red: "
+               "p (Holm) < 0.05", fontsize=8)
+  fig.tight_layout()
+  report.save_figure(fig, out / "verdict_forest.png")
+  plt.close(fig)
+  return out / "verdict_forest.png"
+
+
+def _curves(plt, out, curves) -> epath.Path:
+  fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4),
+                           squeeze=False)
+  for ax, (regime, by_objective) in zip(axes[0], curves.items()):
+    for i, (objective, runs) in enumerate(by_objective.items()):
+      for r in runs:
+        steps, acc = zip(*r["validation_curve"])
+        ax.plot(steps, 100 * np.array(acc), color=f"C{i}", lw=0.5, alpha=0.3)
+      mean = 100 * np.mean([[a for _, a in r["validation_curve"]] for r in runs],
+                           axis=0)
+      ax.plot(steps, mean, color=f"C{i}", lw=2,
+              label=config_lib.objective_name(objective))
+    ax.set_title(regime)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy (%)")
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  report.save_figure(fig, out / "verdict_curves.png")
+  plt.close(fig)
+  return out / "verdict_curves.png"

@@ -62,6 +62,13 @@ def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_pat
   assert loss["test_accuracy"]["diff_to_ce_mean"] == again["diff_to_ce_mean"]
   assert loss["test_accuracy"]["p_holm"] == loss["test_accuracy"]["p_t"]  # one
   assert "| CE+Gini+KL |" in (tmp_path / "verdict.md").read_text()
+  # The simultaneous interval holds the 95% one (one comparison: equal).
+  assert loss["simultaneous_ci"] == pytest.approx(
+      loss["test_accuracy"]["diff_to_ce_ci95"])
+  for name in ("verdict_forest.png", "verdict_curves.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  curve = loss["confirm"][0]["validation_curve"]
+  assert curve and curve[-1][0] == 4  # every evaluation, to the last step
   # Rerunning trains nothing: every run is finished.
   finished = {p: p.stat().st_mtime for p in tmp_path.glob("**/summary.json")}
   assert len(finished) == 2 * 2 * 1 + 2 * 2
