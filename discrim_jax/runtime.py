@@ -34,25 +34,32 @@ from discrim_jax.models import common
 
 
 @dataclasses.dataclass
-class Program:
-  """Everything built from a spec that the loop, the evaluation, the
-  benchmark and the tests need. ``train_fn``/``eval_fn`` are the steps
-  before ``jax.jit`` (bound to the spec), for wrappers that transform them."""
-  spec: run_spec_lib.RunSpec
-  dataset: data_lib.Dataset
-  model: Any
+class Steps:
+  """What :func:`build` jits, the same for every build of one key of
+  ``_steps_key``: the mesh, the shardings and the jitted steps.
+  ``train_fn``/``eval_fn`` are the steps before ``jax.jit`` (bound to the
+  spec), for wrappers that transform them."""
   mesh: jax.sharding.Mesh
   state_sharding: Any
   batch_sharding: NamedSharding
-  steps_per_epoch: int
-  total_steps: int
+  abstract_state: Any
   train_fn: Callable[..., Any]
   eval_fn: Callable[..., Any]
   train_step: Callable[..., Any]
   eval_step: Callable[..., Any]
   features_step: Callable[..., Any]
   init_state: Callable[[int], step_fns.TrainState]
-  abstract_state: Any
+
+
+@dataclasses.dataclass
+class Program(Steps):
+  """Everything built from a spec that the loop, the evaluation, the
+  benchmark and the tests need: a run's :class:`Steps` and what else it has."""
+  spec: run_spec_lib.RunSpec
+  dataset: data_lib.Dataset
+  model: Any
+  steps_per_epoch: int
+  total_steps: int
 
   @property
   def num_classes(self) -> int:
@@ -130,36 +137,16 @@ def build(config, *, dataset: data_lib.Dataset | None = None,
   while len(_STEPS) > _MAX_CACHED_STEPS:
     _STEPS.pop(next(iter(_STEPS)))
   return Program(
-      spec=spec, dataset=dataset, model=model, mesh=steps.mesh,
-      state_sharding=steps.state_sharding, batch_sharding=steps.batch_sharding,
-      steps_per_epoch=steps_per_epoch,
+      spec=spec, dataset=dataset, model=model, steps_per_epoch=steps_per_epoch,
       total_steps=spec.num_epochs * steps_per_epoch,
-      train_fn=steps.train_fn, eval_fn=steps.eval_fn,
-      train_step=steps.train_step, eval_step=steps.eval_step,
-      features_step=steps.features_step, init_state=steps.init_state,
-      abstract_state=steps.abstract_state)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Steps:
-  """What :func:`build` jits for one key of :func:`_steps_key`."""
-  mesh: jax.sharding.Mesh
-  state_sharding: Any
-  batch_sharding: NamedSharding
-  abstract_state: Any
-  train_fn: Callable[..., Any]
-  eval_fn: Callable[..., Any]
-  train_step: Callable[..., Any]
-  eval_step: Callable[..., Any]
-  features_step: Callable[..., Any]
-  init_state: Callable[[int], step_fns.TrainState]
+      **{f.name: getattr(steps, f.name) for f in dataclasses.fields(Steps)})
 
 
 # Jitted steps of recent builds in this process, by what they are built from:
 # a second build of the same run (another seed, a resumed run, the next run of
 # a harness) reuses them instead of tracing and lowering them again (~3 s for
 # the smallest model on a CPU). A few, since each holds its executables.
-_STEPS: dict[str, _Steps] = {}
+_STEPS: dict[str, Steps] = {}
 _MAX_CACHED_STEPS = 8
 # Fields of a RunSpec that the steps do not depend on: the seed enters
 # init_state as its argument, the data only through the key's other parts.
@@ -180,7 +167,7 @@ def _steps_key(spec, num_classes, image_shape, steps_per_epoch, devices):
 
 
 def _compile_steps(spec, model, num_classes, image_shape, steps_per_epoch,
-                   devices) -> _Steps:
+                   devices) -> Steps:
   shapes = step_fns.feature_shapes(model, image_shape)
   spec.check_layers(shapes, model.__class__.__name__)
   mesh = jax.make_mesh((spec.num_devices,), ("data",), devices=devices,
@@ -200,7 +187,7 @@ def _compile_steps(spec, model, num_classes, image_shape, steps_per_epoch,
   batch_sharding = NamedSharding(mesh, P("data"))
   jit = functools.partial(_jit, spec,
                           in_shardings=(state_sharding, batch_sharding))
-  return _Steps(
+  return Steps(
       mesh=mesh, state_sharding=state_sharding,
       batch_sharding=batch_sharding, abstract_state=abstract_state,
       train_fn=fns["train"], eval_fn=fns["eval"],
