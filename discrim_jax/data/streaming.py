@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import functools
+import io
 import threading
 from typing import Any
 
@@ -97,6 +98,12 @@ class StreamingDataset:
           "streaming reads ArrayRecord: prepare it in another folder with "
           f"`tfds build {name} --file_format=array_record --data_dir=DIR` "
           "and pass --config.data_dir=DIR (or leave config.data_in_memory=True)")
+    # JPEG records stay encoded until used: training decodes only as much
+    # of each as its crop needs (PIL's draft mode, see jpeg_crop).
+    feature = self._builder.info.features[self._image_key]
+    self._jpeg = getattr(feature, "encoding_format", None) == "jpeg"
+    decoders = ({self._image_key: access.tf_modules()[1].decode.SkipDecoding()}
+                if self._jpeg else None)
     plan = access.split_plan(list(self._builder.info.splits), self._spec,
                                {k: v for k, v in (splits or {}).items() if v},
                                name)
@@ -108,7 +115,7 @@ class StreamingDataset:
       tfds_split = plan[split] if plan[split] is not None else plan["train"]
       if tfds_split not in opened:
         opened[tfds_split] = self._builder.as_data_source(
-            split=tfds_split, file_format=ARRAY_RECORD)
+            split=tfds_split, file_format=ARRAY_RECORD, decoders=decoders)
       self._source[split] = opened[tfds_split]
     held_out = None
     if plan["validation"] is None:
@@ -138,10 +145,24 @@ class StreamingDataset:
     raise TypeError(f"{self.name} streams (config.data_in_memory=False): its "
                     f"{split} split is not held in memory")
 
-  def record(self, split: str, position: int) -> tuple[np.ndarray, int]:
-    """The ``position``-th example of a split: (uint8 image as stored, label)."""
+  def record(self, split: str, position: int, *, encoded: bool = False
+             ) -> tuple[Any, int]:
+    """The ``position``-th example of a split: (uint8 image as stored, label);
+    with ``encoded``, a JPEG record's bytes as stored (see ``jpeg``)."""
     example = self._source[split][int(self._index[split][position])]
-    return np.asarray(example[self._image_key]), int(example[self._label_key])
+    image = example[self._image_key]
+    if self._jpeg and not encoded:
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      with Image.open(io.BytesIO(image)) as pil:
+        image = pil.convert("RGB" if self.image_shape[-1] == 3 else "L")
+        image = np.asarray(image)
+    return (image if encoded and self._jpeg else np.asarray(image),
+            int(example[self._label_key]))
+
+  @property
+  def jpeg(self) -> bool:
+    """Whether the records are JPEG-encoded (``record(encoded=True)``)."""
+    return self._jpeg
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the first 10,000 training images (after
@@ -161,26 +182,46 @@ def _fit(image: np.ndarray, shape) -> np.ndarray:
   return image.reshape(shape)
 
 
-def _random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
-                         ) -> np.ndarray:
-  """Inception-style crop (area 8-100%, aspect 3/4-4/3; 10 tries, then the
-  centre), resized to ``shape``, flipped with probability 1/2."""
-  if image.ndim == 2:
-    image = image[..., None]
-  h, w = image.shape[:2]
-  crop = None
+def crop_window(h: int, w: int, rng: np.random.Generator
+                 ) -> tuple[int, int, int, int]:
+  """``(top, left, height, width)`` of an Inception-style crop (area 8-100%,
+  aspect 3/4-4/3; 10 tries, then the centre square)."""
   for _ in range(10):
     area = h * w * rng.uniform(0.08, 1.0)
     ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
     ch, cw = int(round(np.sqrt(area / ratio))), int(round(np.sqrt(area * ratio)))
     if 0 < ch <= h and 0 < cw <= w:
-      top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      crop = image[top:top + ch, left:left + cw]
-      break
-  if crop is None:
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    crop = image[top:top + side, left:left + side]
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  side = min(h, w)
+  return (h - side) // 2, (w - side) // 2, side, side
+
+
+def jpeg_crop(data: bytes, shape, rng: np.random.Generator) -> np.ndarray:
+  """:func:`random_resized_crop` of a JPEG, decoding at the smallest DCT
+  scale (1, 1/2, 1/4, 1/8) that still gives the crop at least ``shape``'s
+  pixels, and cropping and resizing in one resample."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as pil:
+    w, h = pil.size
+    top, left, ch, cw = crop_window(h, w, rng)
+    mode = "RGB" if shape[-1] == 3 else "L"
+    pil.draft(mode, (-(-w * shape[1] // cw), -(-h * shape[0] // ch)))
+    f = w / pil.size[0]
+    out = pil.convert(mode).resize(
+        (shape[1], shape[0]), Image.BILINEAR,
+        box=(left / f, top / f, (left + cw) / f, (top + ch) / f))
+  out = np.asarray(out).reshape(shape)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
+                         ) -> np.ndarray:
+  """Inception-style crop (area 8-100%, aspect 3/4-4/3; 10 tries, then the
+  centre), resized to ``shape``, flipped with probability 1/2."""
+  if image.ndim == 2:
+    image = image[..., None]
+  top, left, ch, cw = crop_window(*image.shape[:2], rng)
+  crop = image[top:top + ch, left:left + cw]
   from PIL import Image  # pylint: disable=g-import-not-at-top
   pil = Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop)
   out = np.asarray(pil.resize((shape[1], shape[0]), Image.BILINEAR))
@@ -230,10 +271,11 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
 
   def load(position):
     i, mask = locate(position)
-    image, label = dataset.record(split, i)
+    jpeg = per_example_augment and getattr(dataset, "jpeg", False)
+    image, label = dataset.record(split, i, **({"encoded": True} if jpeg else {}))
     if per_example_augment:
       rng = np.random.default_rng([seed, position, 1])
-      image = _random_resized_crop(image, shape, rng)
+      image = (jpeg_crop if jpeg else random_resized_crop)(image, shape, rng)
     else:
       image = _fit(image, shape)
     return {"image": image, "label": np.int32(label), "mask": np.float32(mask)}
