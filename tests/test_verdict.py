@@ -32,6 +32,35 @@ def test_every_objective_gets_the_same_budget_over_its_own_knobs(smoke_config):
   assert not set(verdict.FRESH_SEEDS) & set(verdict.TUNING_SEEDS)
 
 
+def test_the_choice_waits_for_every_tuning_run_and_reads_validation_only(
+    tmp_path):
+  regime = verdict.Regime("20_per_class", per_class=20)
+
+  def finish(k, seed, validation, test):
+    folder = verdict.Run(regime.name, "tune", "opl", k, seed).folder(tmp_path)
+    folder.mkdir(parents=True)
+    workdir_lib.write_summary(folder, {"best_validation_accuracy": validation,
+                                       "test_accuracy": test})
+
+  # Binary fractions: every mean below is exact, so the ties are ties on
+  # any CPU.
+  values = {0: (0.5, 0.75), 1: (0.625, 0.625), 2: (0.5625, 0.6875),
+            3: (0.5, 0.75)}
+  for k, (v0, v1) in values.items():
+    finish(k, 0, v0, 0.9 if k == 0 else 0.1)  # test accuracy must not matter
+    if k != 2:
+      finish(k, 1, v1, 0.1)
+  assert verdict.choose(tmp_path, regime, "opl") is None  # c2 seed 1 missing
+  finish(2, 1, 0.6875, 0.1)
+  # Every mean 0.625: the tie goes to the lowest index; then a higher mean
+  # wins, whatever the test accuracy says.
+  assert verdict.choose(tmp_path, regime, "opl") == 0
+  folder = verdict.Run(regime.name, "tune", "opl", 3, 1).folder(tmp_path)
+  workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.875,
+                                     "test_accuracy": 0.0})
+  assert verdict.choose(tmp_path, regime, "opl") == 3
+
+
 def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_path,
                                                       monkeypatch, smoke_config):
   monkeypatch.setattr(verdict, "NUM_CANDIDATES", 2)
