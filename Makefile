@@ -33,7 +33,7 @@ FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation \
 FONTS_CACHE := $(HOME)/.cache/discrim_jax/fonts
 FONTS_ERROR := error: could not get Debian's font packages ($(FONT_PACKAGES)): apt needs the network or a mirror
 
-.PHONY: setup setup-test data fonts run test bench bench-input clean
+.PHONY: setup setup-test data fonts dejavu run test bench bench-input clean
 
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
@@ -87,13 +87,29 @@ fonts:
 	fi
 	@echo "fonts installed: train with --config=experiments/configs/fonts.py"
 
+# The DejaVu fonts the tests of `fonts` draw with (most systems have them).
+dejavu:
+	@if ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
+	    $(FONTS_CACHE)/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf 2>/dev/null | grep -q .; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  { apt-get install -y -qq fonts-dejavu-core || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core; }; } >/dev/null 2>&1 || \
+	    { echo "error: could not install fonts-dejavu-core: apt needs the network or a mirror"; exit 1; }; \
+	else \
+	  mkdir -p $(FONTS_CACHE) && cd $(FONTS_CACHE) && \
+	  { apt-get download fonts-dejavu-core >/dev/null 2>&1 || \
+	    { echo "error: could not download fonts-dejavu-core: apt needs the network or a mirror"; exit 1; }; } && \
+	  dpkg -x fonts-dejavu-core_*.deb . && rm -f fonts-dejavu-core_*.deb; \
+	fi
+
 # The default job: CE vs CE+Gini+KL on the real Fashion-MNIST, on the CPU.
 run: setup data
 	$(BIN)/python experiments/compare.py --config=experiments/configs/fashion_mnist.py \
 	  --workdir=workdirs/fashion_mnist_default --objectives=ce,gini_kl --seeds=1
 
 # 8 fake CPU devices exercise the multi-device paths.
-test: setup-test data
+test: setup-test data dejavu
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q tests
 
 # Speed figures: the train/eval steps, the losses' overhead, PyTorch side by side.

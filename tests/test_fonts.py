@@ -19,7 +19,6 @@ LOOKALIKES = ["AΑА", "BΒВ", "EΕЕ", "HΗН", "KΚК", "MΜМ", "OΟО0oοо
               "ΦФ", "ΛЛ", "З3", "lI1|!", "Ββß", "ΣƩ", "Ьb", "ΘѲ"]
 # Capitals whose small letter is the same shape: glyphs are scaled to one size.
 SAME_SHAPE_CASES = "CcOoSsVvWwXxZz"
-_DEJAVU = Path("/usr/share/fonts/truetype/dejavu")
 _CORE = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf",
          "DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf")
 
@@ -39,18 +38,23 @@ def test_makefile_installs_the_packages_the_module_names():
 
 
 def _dejavu_folder(tmp_path):
-  missing = [n for n in _CORE if not (_DEJAVU / n).is_file()]
+  """The DejaVu core fonts (``make test`` installs them where missing),
+  copied into a folder of their own."""
+  found = {p.name: p for d in fonts.font_dirs() if d.is_dir()
+           for p in d.rglob("DejaVu*.ttf")}
+  missing = [n for n in _CORE if n not in found]
   if missing:
-    pytest.fail(f"DejaVu fonts {missing} not in {_DEJAVU}: install "
-                "fonts-dejavu-core (`make fonts`)", pytrace=False)
+    pytest.fail(f"DejaVu fonts {missing} not under {fonts.font_dirs()}: "
+                "install fonts-dejavu-core (`make dejavu`)", pytrace=False)
   folder = tmp_path / "fonts"
   folder.mkdir()
   for name in _CORE:
-    shutil.copy(_DEJAVU / name, folder)
+    shutil.copy(found[name], folder)
   return folder
 
 
 def test_builds_disjoint_typefaces_with_the_same_bytes(tmp_path, monkeypatch):
+  monkeypatch.delenv(fonts.ENV_VAR, raising=False)
   monkeypatch.setenv(fonts.ENV_VAR, str(_dejavu_folder(tmp_path)))
   # DejaVu alone is one superfamily: too few for three splits, in one line.
   with pytest.raises(FileNotFoundError, match="make fonts"):
