@@ -49,19 +49,12 @@ class SyntheticRecords(tfds.core.GeneratorBasedBuilder):
                 "label": (i * 7919) % NUM_CLASSES}
 
 
-class JpegRecords(tfds.core.GeneratorBasedBuilder):
+class JpegRecords(SyntheticRecords):
   """ImageNet-sized JPEGs for the 224-px input benchmark, made from the real
   Fashion-MNIST images the project has: record i is training image i (mod
   60,000), upscaled to 300-400 x 350-450 pixels (about 350 x 400 on
   average), tinted per channel and given a per-record grain so that the
   JPEG holds texture at realistic sizes; a function of i alone."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  READS_LOCAL_FILES = True
-
-  def __init__(self, *, num_records: int, **kwargs):
-    self.num_records = num_records
-    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
