@@ -134,16 +134,21 @@ def _validation(out, run: Run) -> float | None:
   return workdir_lib.read_summary(folder)["best_validation_accuracy"]
 
 
+def _tuning_values(out, regime: Regime, objective: str) -> list[list]:
+  """Each candidate's best validation accuracies (None: not finished)."""
+  return [[_validation(out, Run(regime.name, "tune", objective, k, s))
+           for s in TUNING_SEEDS] for k in range(NUM_CANDIDATES)]
+
+
+def _choice(values: list[list]) -> int | None:
+  if any(None in v for v in values):
+    return None
+  return int(np.argmax([float(np.mean(v)) for v in values]))  # first of ties
+
+
 def choose(out, regime: Regime, objective: str) -> int | None:
   """The chosen candidate (validation only), or None until tuning is done."""
-  means = []
-  for k in range(NUM_CANDIDATES):
-    values = [_validation(out, Run(regime.name, "tune", objective, k, s))
-              for s in TUNING_SEEDS]
-    if None in values:
-      return None
-    means.append(float(np.mean(values)))
-  return int(np.argmax(means))  # the first of equal means
+  return _choice(_tuning_values(out, regime, objective))
 
 
 def _train(out, config, run: Run) -> None:
@@ -216,12 +221,11 @@ def summarize(out, base, regimes, objectives) -> dict[str, Any]:
     row = rows[regime.name] = {"regime": dataclasses.asdict(regime),
                                "objectives": {}}
     for objective in objectives:
-      tried = candidates(objective, base)
+      values = _tuning_values(out, regime, objective)
       entry = {"candidates": [
-          {"setting": setting, "validation_accuracy": [
-              _validation(out, Run(regime.name, "tune", objective, k, s))
-              for s in TUNING_SEEDS]} for k, setting in enumerate(tried)],
-               "chosen": choose(out, regime, objective)}
+          {"setting": setting, "validation_accuracy": v}
+          for setting, v in zip(candidates(objective, base), values)],
+               "chosen": _choice(values)}
       entry["confirm"] = (_confirmed(out, regime, objective)
                           if entry["chosen"] is not None else None)
       row["objectives"][objective] = entry
