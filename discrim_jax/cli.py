@@ -138,11 +138,15 @@ def keep_library_caches_in_cache_root() -> None:
 
 def enable_compilation_cache() -> None:
   """JAX's persistent compilation cache, ``cache_root()/jax_cache``: a rerun
-  or resume skips the compile."""
+  or resume skips the compile. JAX's own environment variables
+  (``JAX_COMPILATION_CACHE_DIR``, ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``)
+  choose another folder or threshold."""
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(cache_root(), "jax_cache")
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(cache_root(), "jax_cache"))
+  if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def quiet_library_logs() -> None:

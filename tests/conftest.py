@@ -25,6 +25,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # time, here and (through the environment) in the CLI processes tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# Identical programs (the same tiny model built by several tests, or by a
+# test and the CLI processes it starts, which inherit these variables and
+# which cli.enable_compilation_cache leaves to them) compile once. Every
+# program is kept, however quick to compile: the suite builds the same small
+# steps many times, and a cache hit is cheaper than even a 0.2 s compile.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.expanduser("~"), ".cache", "discrim_jax", "jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # torchvision's compiled ops segfault when they load after TensorFlow in one
 # process (seen with torch 2.14.1 + torchvision 0.29.1 + tensorflow-cpu 2.21),
 # and transformers' CvT imports torchvision. Load them first; where they are
@@ -103,13 +112,6 @@ def smoke_config_fixture():
 def read_metrics_fixture():
   return read_metrics
 
-# Identical programs (the same tiny model built by several tests) compile once.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.expanduser("~"), ".cache", "discrim_jax",
-                               "jax_test_cache"))
-# Every program, however quick to compile: the suite builds the same small
-# steps many times, and a cache hit is cheaper than even a 0.2 s compile.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(name="whole", scope="session")

@@ -167,6 +167,9 @@ def test_two_processes_on_one_workdir_and_writes_only_there(tmp_path,
   cwd.mkdir()
   env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(home),
              DISCRIM_JAX_CACHE=str(tmp_path / "cache"))
+  for name in ("JAX_COMPILATION_CACHE_DIR",  # the app's own cache, not the suite's
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    env.pop(name, None)
   argv = [sys.executable, str(REPO / "experiments" / "train.py"),
           "--config=" + str(REPO / "experiments/configs/fashion_mnist.py:smoke"),
           "--config.num_devices=1", f"--config.data_dir={tmp_path / 'tfds'}",
