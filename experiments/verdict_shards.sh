@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The verdict in the background on a small machine: one shard per core
 # (two single-core processes train ~25% more images/s than one on two cores,
-# measured on a 2-core AMD EPYC), each logging to WORKDIR.shardI.out.
+# measured on a 2-core AMD EPYC), each appending to WORKDIR.shardI.out.
 # Rerun the same command to resume: finished runs are kept.
 #
 #   experiments/verdict_shards.sh fashion_mnist workdirs/verdict_fashion --per_class=20,500
@@ -17,6 +17,6 @@ for ((i = 0; i < n; i++)); do
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 taskset -c "$i" .venv/bin/python \
       experiments/verdict.py --config="experiments/configs/$config.py" \
       --workdir="$workdir" --shard="$i/$n" "$@"
-    echo "exit $? $(date -u +%FT%TZ)" ) > "$workdir.shard$i.out" 2>&1 &
+    echo "exit $? $(date -u +%FT%TZ)" ) >> "$workdir.shard$i.out" 2>&1 &
 done
 wait
