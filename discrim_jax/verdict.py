@@ -158,12 +158,16 @@ def _train(out, config, run: Run) -> None:
 
 def run_verdict(base, workdir: str, regimes: list[Regime],
                 objectives=config_lib.COMPARED_OBJECTIVES,
-                shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+                shard: tuple[int, int] | None = None, *,
+                train: bool = True) -> dict[str, Any] | None:
   """Trains what is missing (tuning first, then each objective's chosen
-  setting on the fresh seeds), then writes ``verdict.json`` and
-  ``verdict.md``. With ``shard=(i, n)`` trains every n-th missing run from
-  the i-th; a shard that finds confirmation waiting on another's tuning
-  stops, and rerunning it later goes on."""
+  setting on the fresh seeds), then writes ``verdict.json``,
+  ``verdict.md`` and the figures, and returns the results. With
+  ``shard=(i, n)`` trains every n-th missing run from the i-th; a shard
+  that finds confirmation waiting on another's tuning stops (rerunning it
+  later goes on), and only a shard that finds every run finished writes the
+  results: others return None. ``train=False`` trains nothing and writes
+  what is finished so far (``complete`` false until every run is)."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   if "ce" not in objectives:
     raise ConfigError("the verdict compares with CE: --objectives must "
@@ -173,7 +177,7 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   configs = {r.name: regime_config(base, r, num_classes) for r in regimes}
   by_name = {r.name: r for r in regimes}
   out.mkdir(parents=True, exist_ok=True)
-  for regime in regimes:  # one regime done before the next is started
+  for regime in regimes if train else []:  # one regime, then the next
     runs = (tuning_runs([regime], objectives)
             + confirm_runs([regime], objectives))
     for run in study.shard_of(runs, shard):
@@ -191,9 +195,11 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
                    run.objective, k, run.seed, setting)
       _train(out, config_lib.with_fields(configs[run.regime], **setting), run)
   results = summarize(out, base, regimes, objectives)
-  (out / "verdict.json").write_text(json.dumps(results, indent=2,
-                                               allow_nan=False) + "\n")
-  (out / "verdict.md").write_text(markdown(results))
+  if shard is not None and train and not results["complete"]:
+    return None  # the shard that finishes the last run writes the results
+  workdir_lib.write_atomically(
+      out / "verdict.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+  workdir_lib.write_atomically(out / "verdict.md", markdown(results))
   plot(out, results)
   return results
 
@@ -235,18 +241,27 @@ def summarize(out, base, regimes, objectives) -> dict[str, Any]:
         entry["test_accuracy"] = stats_lib.paired(
             [r["test_accuracy"] for r in entry["confirm"]],
             [r["test_accuracy"] for r in ce])
-  family = [(r, o) for r, row in rows.items() for o, e in row["objectives"].items()
-            if "test_accuracy" in e]
-  for (r, o), p in zip(family, stats_lib.holm(
-      [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in family])):
+  # The family, declared before any result: every objective against CE in
+  # every regime. Holm needs all of its p-values; until they are in, each
+  # comparison gets Bonferroni's p over the whole family, which bounds its
+  # Holm p from above.
+  family = [(r, o) for r in rows for o in objectives if o != "ce"]
+  done = [(r, o) for r, o in family if "test_accuracy" in rows[r]["objectives"][o]]
+  complete = len(done) == len(family) and all(
+      e["confirm"] for row in rows.values() for e in row["objectives"].values())
+  ps = [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in done]
+  adjusted = (stats_lib.holm(ps) if complete
+              else [None if p is None else min(1.0, len(family) * p) for p in ps])
+  for (r, o), p in zip(done, adjusted):
     entry = rows[r]["objectives"][o]
-    entry["test_accuracy"]["p_holm"] = p
+    entry["test_accuracy"]["p_holm" if complete else "p_bonferroni"] = p
     # Bonferroni's simultaneous interval over the family (Holm's first step).
     ce = rows[r]["objectives"]["ce"]["confirm"]
     entry["simultaneous_ci"] = stats_lib.t_interval(
         [a["test_accuracy"] - b["test_accuracy"]
          for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
-  return {"protocol": {"candidates": NUM_CANDIDATES,
+  return {"complete": complete,
+          "protocol": {"candidates": NUM_CANDIDATES,
                        "tuning_seeds": list(TUNING_SEEDS),
                        "fresh_seeds": list(FRESH_SEEDS),
                        "search": {k: list(v) for k, v in SEARCH.items()},
@@ -266,12 +281,17 @@ def _setting(entry) -> str:
 def markdown(results: dict[str, Any]) -> str:
   """One table per regime: the tuned setting, the confirmation's test
   accuracy and its paired comparison with tuned CE."""
+  family = results["protocol"]["holm_family"]
   lines = ["Each objective tuned on validation with the same budget "
            f"({results['protocol']['candidates']} settings x "
            f"{len(TUNING_SEEDS)} seeds), then trained on "
            f"{len(FRESH_SEEDS)} fresh seeds; Δ: paired difference to tuned "
-           "CE on test, 95% t-interval; p (Holm) over "
-           f"{results['protocol']['holm_family']} primary comparisons.", ""]
+           "CE on test, 95% t-interval; p (Holm) over the "
+           f"{family} primary comparisons.", ""]
+  if not results["complete"]:
+    lines[-1:] = ["", f"**Not complete**: runs are missing. Until every one "
+                  f"of the {family} comparisons is in, the p (Holm) column "
+                  "gives Bonferroni's p over all of them (≥ Holm's).", ""]
   for name, row in results["regimes"].items():
     lines += [f"## {name}", "",
               "| objective | tuned setting | test acc. (%) | Δ to CE (points) "
@@ -286,7 +306,8 @@ def markdown(results: dict[str, Any]) -> str:
         lo, hi = t["diff_to_ce_ci95"]
         diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–"
-              for k in ("p_t", "p_holm", "p_sign_flip")]
+              for k in ("p_t", "p_holm" if results["complete"] else
+                        "p_bonferroni", "p_sign_flip")]
       else:
         diff, ps = "–", ["–"] * 3
       lines.append(f"| {config_lib.objective_name(objective)} | "
@@ -307,7 +328,7 @@ def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
           and e["test_accuracy"]["diff_to_ce_ci95"]]
   paths = []
   if rows:
-    paths.append(_forest(plt, out, rows))
+    paths.append(_forest(plt, out, rows, results))
   curves = {r: {o: e["confirm"] for o, e in row["objectives"].items()
                 if e.get("confirm")} for r, row in results["regimes"].items()}
   curves = {r: c for r, c in curves.items() if c}
@@ -316,7 +337,7 @@ def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
   return paths
 
 
-def _forest(plt, out, rows) -> epath.Path:
+def _forest(plt, out, rows, results) -> epath.Path:
   m = len(rows)
   fig, ax = plt.subplots(figsize=(7, 0.45 * m + 1.4))
   for y, (regime, objective, entry) in enumerate(reversed(rows)):
@@ -325,7 +346,8 @@ def _forest(plt, out, rows) -> epath.Path:
     slo, shi = (100 * v for v in entry["simultaneous_ci"])
     ax.plot([slo, shi], [y, y], color="0.6", lw=1)
     ax.plot([lo, hi], [y, y], color="C0", lw=3)
-    survives = ce.get("p_holm") is not None and ce["p_holm"] < 0.05
+    p = ce.get("p_holm", ce.get("p_bonferroni"))
+    survives = p is not None and p < 0.05
     ax.plot(100 * ce["diff_to_ce_mean"], y, "o", color="C3" if survives else "C0",
             mfc="C3" if survives else "white")
   ax.axvline(0, color="k", lw=0.8)
@@ -333,9 +355,12 @@ def _forest(plt, out, rows) -> epath.Path:
   ax.set_yticklabels([f"{r}: {config_lib.objective_name(o)}"
                       for r, o, _ in reversed(rows)])
   ax.set_xlabel("test accuracy, difference to tuned CE (points)")
+  family = results["protocol"]["holm_family"]
   ax.set_title(f"Paired Δ over {len(FRESH_SEEDS)} fresh seeds: 95% interval "
-               f"(thick), simultaneous\nover the {m} comparisons (thin); red: "
-               "p (Holm) < 0.05", fontsize=8)
+               f"(thick), simultaneous\nover the {family} comparisons (thin); "
+               "red: p (Holm) < 0.05"
+               + ("" if results["complete"] else
+                  f" [{m} of {family} in: Bonferroni]"), fontsize=8)
   fig.tight_layout()
   report.save_figure(fig, out / "verdict_forest.png")
   plt.close(fig)

@@ -9,7 +9,8 @@ compared with tuned CE (paired intervals, Holm over every comparison). See
 discrim_jax/verdict.py for the protocol. Finished runs are never redone:
 rerun the command to resume. --shard=I/N divides the runs between processes
 (a SLURM job array); a shard whose confirmation waits on another's tuning
-stops, and its rerun goes on.
+stops, and its rerun goes on; the shard that finishes the last run writes the
+results. --report writes what is finished so far without training.
 """
 
 import os
@@ -34,6 +35,9 @@ _BATCH = flags.DEFINE_integer("batch", 100, "Batch size of every run.")
 _OBJECTIVES = flags.DEFINE_list(
     "objectives", None, "Objectives (default: CE, CE+Gini+KL and the baselines).")
 _SHARD = flags.DEFINE_string("shard", "", "I/N: train only shard I of N.")
+_REPORT = flags.DEFINE_bool(
+    "report", False, "Train nothing: write the results of the finished runs "
+    "(marked incomplete while runs are missing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,12 +68,16 @@ def main(argv):
     if shard is None:
       with cli.in_workdir(_WORKDIR.value):
         return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
-                                   objectives)
+                                   objectives, train=not _REPORT.value)
     cli.route_logs(f"{_WORKDIR.value}/shard_{shard[0]}_of_{shard[1]}")
     return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
-                               objectives, shard)
+                               objectives, shard, train=not _REPORT.value)
 
   results = run_with_one_line_errors(run)
+  if results is None:
+    print(f"shard {_SHARD.value} done; other runs are missing: the shard that "
+          "finishes the last one writes the results (or rerun with --report)")
+    return
   print(verdict.markdown(results))
   print(f"verdict.md and verdict.json in {_WORKDIR.value}")
 

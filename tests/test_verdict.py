@@ -106,3 +106,53 @@ def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_pat
   verdict.run_verdict(base, str(tmp_path), [regime], objectives)
   assert {p: p.stat().st_mtime for p in tmp_path.glob("**/summary.json")} == finished
   assert workdir_lib.finished(run.folder(tmp_path))
+
+
+def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
+    fashion_data_dir, tmp_path, monkeypatch, smoke_config):
+  """Finished runs written by hand (nothing trains): with one comparison of
+  the declared family missing, a p-value is Bonferroni's over the whole
+  family and the results say they are incomplete; a shard whose own runs
+  are done while another's are not writes nothing."""
+  from statsmodels.stats.multitest import multipletests  # pylint: disable=g-import-not-at-top
+  from discrim_jax import study  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(verdict, "NUM_CANDIDATES", 1)
+  monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102, 103, 104))
+  base = smoke_config(data_dir=fashion_data_dir)
+  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20)
+  objectives = ("ce", "gini_kl", "opl")
+  runs = (verdict.tuning_runs([regime], objectives)
+          + verdict.confirm_runs([regime], objectives))
+  last = study.shard_of(runs, (1, 2))[-1]
+  assert last.objective == "opl" and last.phase == "confirm"
+  # Binary fractions (exact in float64), a different gap per objective.
+  gap = {"ce": 0.0, "gini_kl": 0.0625, "opl": -0.03125}
+  for run in runs:
+    folder = run.folder(tmp_path)
+    folder.mkdir(parents=True)
+    test = 0.5 + gap[run.objective] + (run.seed % 4) / 64 * (run.objective != "ce")
+    (folder / "metrics.jsonl").write_text(json.dumps(
+        {"step": 4, "split": "validation", "accuracy": 0.5}) + "\n")
+    if run != last:
+      workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.5,
+                                         "test_accuracy": test})
+  assert verdict.run_verdict(base, str(tmp_path), [regime], objectives,
+                             (0, 2)) is None
+  assert not (tmp_path / "verdict.json").exists()
+  partial = verdict.run_verdict(base, str(tmp_path), [regime], objectives,
+                                train=False)
+  assert not partial["complete"] and partial["protocol"]["holm_family"] == 2
+  loss = partial["regimes"]["4_per_class"]["objectives"]["gini_kl"]["test_accuracy"]
+  assert "p_holm" not in loss and loss["p_bonferroni"] == min(1.0, 2 * loss["p_t"])
+  assert "Not complete" in (tmp_path / "verdict.md").read_text()
+  workdir_lib.write_summary(last.folder(tmp_path), {
+      "best_validation_accuracy": 0.5, "test_accuracy": 0.5 - 0.03125})
+  whole = verdict.run_verdict(base, str(tmp_path), [regime], objectives, (0, 2))
+  assert whole["complete"] and json.loads(
+      (tmp_path / "verdict.json").read_text())["complete"]
+  rows = whole["regimes"]["4_per_class"]["objectives"]
+  ps = [rows[o]["test_accuracy"]["p_t"] for o in ("gini_kl", "opl")]
+  # The same library call on the same p-values: equal bit for bit.
+  assert [rows[o]["test_accuracy"]["p_holm"] for o in ("gini_kl", "opl")] == list(
+      multipletests(ps, method="holm")[1])
