@@ -318,23 +318,68 @@ def test_streaming_memory_does_not_grow_with_the_records(tmp_path):
   assert abs(added[30_000] - added[2_000]) < 150, added
 
 
-def test_jpeg_training_crop_decodes_only_what_it_needs():
-  """A JPEG's training crop, decoded at a reduced DCT scale and cropped and
-  resized in one resample, is the crop of the full image (same window, same
-  flip) up to the rounding of the two ways."""
-  import io  # pylint: disable=g-import-not-at-top
-  y, x = np.mgrid[0:600, 0:800]
-  image = np.stack([0.25 * x + 20, 0.3 * y + 10, 0.15 * (x + y)], -1
-                   ).clip(0, 255).astype(np.uint8)
-  encoded = io.BytesIO()
-  Image.fromarray(image).save(encoded, "JPEG", quality=95)
-  for seed in range(20):
-    fast = streaming.jpeg_crop(
-        encoded.getvalue(), (224, 224, 3), np.random.default_rng(seed))
-    full = streaming.random_resized_crop(
-        image, (224, 224, 3), np.random.default_rng(seed))
-    # The image changes by at most 0.3 levels a pixel; a reduced scale (at
-    # most 1/8) shifts where a pixel is sampled by at most 4 source pixels
-    # (1.2 levels); JPEG at quality 95 moves a smooth gradient by at most
-    # ~2 levels; each path rounds once (1 level): 5 levels bound them all.
-    assert np.abs(fast.astype(int) - full.astype(int)).max() <= 5, seed
+@pytest.fixture(name="jpeg_records", scope="module")
+def jpeg_records_fixture(tmp_path_factory):
+  """96 training records of ImageNet-sized JPEGs, streamed at 96 px."""
+  builder = synthetic_records.JpegRecords(
+      num_records=96, data_dir=str(tmp_path_factory.mktemp("jpeg")))
+  builder.download_and_prepare(file_format="array_record")
+  return streaming.StreamingDataset("jpeg_records", builder=builder,
+                                    image_size=96)
+
+
+def test_jpeg_records_stream_the_same_batches_from_any_step(jpeg_records):
+  """Large JPEG records take the batch decoder: float images in [0, 1], the
+  records' labels, and a stream started at step 3 (a resumed run) gives the
+  batch an unbroken stream gives there, bit for bit."""
+  ds = jpeg_records
+  assert ds.jpeg and ds.image_shape == (96, 96, 3)
+  kwargs = dict(train=True, seed=5, augment=True, normalize=False,
+                crop_padding=4, process_index=0, process_count=1)
+  batches = list(itertools.islice(
+      streaming.iterate(ds, "train", 16, start_step=0, **kwargs), 4))
+  resumed = next(streaming.iterate(ds, "train", 16, start_step=3, **kwargs))
+  for key, value in batches[3].items():
+    np.testing.assert_array_equal(value, resumed[key], err_msg=key)
+  image = batches[0]["image"]
+  assert image.shape == (16, 96, 96, 3) and image.dtype == np.float32
+  assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
+  assert not np.array_equal(image, batches[1]["image"])
+  # The first epoch's order is the in-memory path's; the labels are the records'.
+  order = data.batching.epoch_order(ds.num_examples("train"), 5, 0)
+  assert batches[0]["label"].tolist() == [ds.record("train", int(i))[1]
+                                          for i in order[:16]]
+
+
+def test_jpeg_batch_crop_is_the_documented_recipe(jpeg_records):
+  """The batch decoder's crop of a record is TensorFlow's Inception crop of
+  the whole decoded image (window and flip drawn statelessly from the key),
+  resized bilinearly, with the record's label."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds, shape = jpeg_records, (96, 96, 3)
+  positions = [0, 5, 17, 40, 63, 64]
+  keys = np.array([[7, p] for p in positions], np.int64)
+  records = ds.serialized("train", positions)
+  fast, labels = streaming.jpeg_batch_decoder(ds, shape)(records, keys)
+  for j, p in enumerate(positions):
+    assert labels[j] == ds.record("train", p)[1]
+    encoded, _ = ds.parse(records[j])
+    whole = tf.io.decode_jpeg(encoded, channels=3).numpy()
+    box_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(keys[j]))
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        whole.shape, tf.zeros([0, 0, 4]), seed=box_key, min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    (top, left), (h, w) = begin[:2].numpy(), size[:2].numpy()
+    crop = tf.image.resize(whole[top:top + h, left:left + w], shape[:2]) / 255.0
+    expected = tf.image.stateless_random_flip_left_right(crop, flip_key).numpy()
+    # libjpeg decodes a window as it decodes the whole image except, at
+    # times, a few pixels at the window's edge (chroma upsampling there sees
+    # other neighbours): 2 levels in one of these records. Bilinear
+    # resampling is a convex combination, so the outputs differ by at most
+    # that gap; 1e-6 more allows the graph to round the division by 255
+    # otherwise (a few float32 ulps of values <= 1).
+    window = tf.io.decode_and_crop_jpeg(encoded, [top, left, h, w], channels=3)
+    gap = np.abs(window.numpy().astype(int)
+                 - whole[top:top + h, left:left + w]).max()
+    np.testing.assert_allclose(fast[j], expected, rtol=0, atol=gap / 255 + 1e-6)

@@ -12,16 +12,19 @@ the same seed gives the same batches), and a resumed run starts at any step
 without replaying the epoch: the step number, saved with every checkpoint,
 is the iterator's whole state. Sharded TFRecord files give neither.
 
-Memory: records are read and decoded on the fly by ``num_threads`` threads
-into a bounded prefetch buffer; what grows with the data set is only the
-train split's index (8 bytes a record) and one epoch's permutation of it.
+Memory: records are read and decoded on the fly by ``num_threads`` threads,
+each making whole batches, into a prefetch buffer of ``max(prefetch,
+num_threads)`` batches; what grows with the data set is only the train
+split's index (8 bytes a record) and one epoch's permutation of it.
 
 Augmentation: images of at most 64 pixels get the in-memory path's CIFAR
 recipe (4-pixel pad-and-crop and flip, drawn per global batch from
 ``(seed, step)`` with TensorFlow's stateless ops); larger ones the
 ImageNet recipe, random-resized crop (scale 0.08-1, ratio 3/4-4/3) and flip,
-drawn per example from ``(seed, position in the stream)``. Evaluation
-resizes the shorter side and centre-crops.
+drawn per example from ``(seed, position in the stream)``; JPEG records get
+it from TensorFlow a batch at a time, decoding only each crop's window
+(:func:`jpeg_batch_decoder`). Evaluation resizes the shorter side and
+centre-crops.
 
 TFDS prepares a data set in one file format per folder: a data set already
 prepared as TFRecord in ``data_dir`` must be prepared again as ArrayRecord
@@ -98,8 +101,8 @@ class StreamingDataset:
           "streaming reads ArrayRecord: prepare it in another folder with "
           f"`tfds build {name} --file_format=array_record --data_dir=DIR` "
           "and pass --config.data_dir=DIR (or leave config.data_in_memory=True)")
-    # JPEG records stay encoded until used: training decodes only as much
-    # of each as its crop needs (PIL's draft mode, see jpeg_crop).
+    # JPEG records stay encoded until used: training decodes only each
+    # crop's window (jpeg_batch_decoder).
     feature = self._builder.info.features[self._image_key]
     self._jpeg = getattr(feature, "encoding_format", None) == "jpeg"
     decoders = ({self._image_key: access.tf_modules()[1].decode.SkipDecoding()}
@@ -145,24 +148,35 @@ class StreamingDataset:
     raise TypeError(f"{self.name} streams (config.data_in_memory=False): its "
                     f"{split} split is not held in memory")
 
-  def record(self, split: str, position: int, *, encoded: bool = False
-             ) -> tuple[Any, int]:
-    """The ``position``-th example of a split: (uint8 image as stored, label);
-    with ``encoded``, a JPEG record's bytes as stored (see ``jpeg``)."""
+  def record(self, split: str, position: int) -> tuple[np.ndarray, int]:
+    """The ``position``-th example of a split: (uint8 image, label)."""
     example = self._source[split][int(self._index[split][position])]
     image = example[self._image_key]
-    if self._jpeg and not encoded:
+    if self._jpeg:
       from PIL import Image  # pylint: disable=g-import-not-at-top
       with Image.open(io.BytesIO(image)) as pil:
         image = pil.convert("RGB" if self.image_shape[-1] == 3 else "L")
-        image = np.asarray(image)
-    return (image if encoded and self._jpeg else np.asarray(image),
-            int(example[self._label_key]))
+    return np.asarray(image), int(example[self._label_key])
 
   @property
   def jpeg(self) -> bool:
-    """Whether the records are JPEG-encoded (``record(encoded=True)``)."""
+    """Whether the records are JPEG-encoded: training crops then come from
+    :func:`jpeg_batch_decoder`, which decodes only each crop's window."""
     return self._jpeg
+
+  def serialized(self, split: str, positions) -> list[bytes]:
+    """Records of a split as stored (serialized examples), for :meth:`parse`
+    in a TensorFlow graph. One read each: array_record's batched read
+    costs twice as much a record here (its thread pool)."""
+    source = self._source[split].data_source
+    return [source[i] for i in self._index[split][np.asarray(positions)].tolist()]
+
+  def parse(self, serialized):
+    """In a TensorFlow graph: one serialized record -> (encoded JPEG, label)."""
+    tfds = access.tf_modules()[1]
+    example = self._builder.info.features.deserialize_example(
+        serialized, decoders={self._image_key: tfds.decode.SkipDecoding()})
+    return example[self._image_key], example[self._label_key]
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the first 10,000 training images (after
@@ -196,22 +210,41 @@ def crop_window(h: int, w: int, rng: np.random.Generator
   return (h - side) // 2, (w - side) // 2, side, side
 
 
-def jpeg_crop(data: bytes, shape, rng: np.random.Generator) -> np.ndarray:
-  """:func:`random_resized_crop` of a JPEG, decoding at the smallest DCT
-  scale (1, 1/2, 1/4, 1/8) that still gives the crop at least ``shape``'s
-  pixels, and cropping and resizing in one resample."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(io.BytesIO(data)) as pil:
-    w, h = pil.size
-    top, left, ch, cw = crop_window(h, w, rng)
-    mode = "RGB" if shape[-1] == 3 else "L"
-    pil.draft(mode, (-(-w * shape[1] // cw), -(-h * shape[0] // ch)))
-    f = w / pil.size[0]
-    out = pil.convert(mode).resize(
-        (shape[1], shape[0]), Image.BILINEAR,
-        box=(left / f, top / f, (left + cw) / f, (top + ch) / f))
-  out = np.asarray(out).reshape(shape)
-  return out[:, ::-1] if rng.random() < 0.5 else out
+def jpeg_batch_decoder(dataset: StreamingDataset, shape):
+  """``decode(records, keys) -> (float32 (N, *shape) in [0, 1], int32 labels)``:
+  the ImageNet training crop of each JPEG record of ``dataset`` (as
+  :meth:`StreamingDataset.serialized` gives them), the batch in one
+  TensorFlow graph that runs the records in parallel (what big_vision's
+  Inception crop does per example in tf.data). Record i's crop window (area
+  8-100%, aspect 3/4-4/3, from the size in its header) and flip are drawn by
+  stateless ops from ``keys[i]`` (int64 pairs), so a key gives the same crop
+  in any batch and process; only the window is decoded
+  (``decode_and_crop_jpeg``), then resized bilinearly to ``shape``."""
+  tf = access.tf_modules()[0]
+  size, channels = tuple(shape[:2]), shape[-1]
+
+  def one(args):
+    record, key = args
+    data, label = dataset.parse(record)
+    box_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key))
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4], tf.float32),
+        seed=box_key, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    image = tf.image.decode_and_crop_jpeg(
+        data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=channels)
+    image = tf.image.resize(image, size, method="bilinear") / 255.0
+    return (tf.image.stateless_random_flip_left_right(image, flip_key),
+            tf.cast(label, tf.int32))
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
+                                tf.TensorSpec([None, 2], tf.int64)])
+  def decode(records, keys):
+    return tf.map_fn(one, (records, keys), parallel_iterations=256,
+                     fn_output_signature=(tf.TensorSpec(shape, tf.float32),
+                                          tf.TensorSpec([], tf.int32)))
+  return decode
 
 
 def random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
@@ -271,19 +304,36 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
 
   def load(position):
     i, mask = locate(position)
-    jpeg = per_example_augment and getattr(dataset, "jpeg", False)
-    image, label = dataset.record(split, i, **({"encoded": True} if jpeg else {}))
+    image, label = dataset.record(split, i)
     if per_example_augment:
-      rng = np.random.default_rng([seed, position, 1])
-      image = (jpeg_crop if jpeg else random_resized_crop)(image, shape, rng)
+      image = random_resized_crop(image, shape,
+                                  np.random.default_rng([seed, position, 1]))
     else:
       image = _fit(image, shape)
     return {"image": image, "label": np.int32(label), "mask": np.float32(mask)}
 
-  ds = (grain.MapDataset.range(first, first + length).map(load)
-        .batch(local, drop_remainder=False))
+  if per_example_augment and getattr(dataset, "jpeg", False):
+    # JPEG training records: a batch read in one call and cropped in one
+    # TensorFlow graph, a few batches at once.
+    decode = jpeg_batch_decoder(dataset, shape)
+
+    def load_batch(step):
+      positions = np.arange(step * local, (step + 1) * local)
+      located = [locate(p) for p in positions]
+      images, labels = decode(
+          dataset.serialized(split, [i for i, _ in located]),
+          np.stack([np.full(local, seed), positions], 1))
+      return {"image": images.numpy(), "label": labels.numpy(),
+              "mask": np.array([m for _, m in located], np.float32)}
+    ds = grain.MapDataset.range(first // local, (first + length) // local
+                                ).map(load_batch)
+    num_threads = max(1, prefetch)
+  else:
+    ds = (grain.MapDataset.range(first, first + length).map(load)
+          .batch(local, drop_remainder=False))
+  # Each thread makes a whole batch; the buffer is counted in batches.
   it = iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(1, prefetch) * local)))
+      num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads))))
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()
@@ -299,7 +349,9 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
                          tf.TensorSpec((2,), tf.int64)])
   step = start_step if train else 0
   for batch in it:
-    image = batch["image"].astype(np.float32) / 255.0
+    image = batch["image"]
+    if image.dtype == np.uint8:
+      image = image.astype(np.float32) / 255.0
     if crop is not None:
       image = crop(image, np.array([seed, step], np.int64)).numpy()
     if normalize:
