@@ -219,6 +219,25 @@ def _confirmed(out, regime: Regime, objective: str) -> list[dict[str, Any]] | No
   return runs
 
 
+# The step budget is enough where tuned CE has plateaued: its mean
+# validation accuracy over the fresh seeds rose by less than this over the
+# last sixth of training (the last evaluation interval of 600 steps).
+PLATEAU_POINTS = 0.5
+
+
+def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """CE's mean validation curve over its confirmation runs, and whether
+  the last sixth of the steps added less than ``PLATEAU_POINTS``."""
+  steps = [s for s, _ in runs[0]["validation_curve"]]
+  mean = np.mean([[a for _, a in r["validation_curve"]] for r in runs], axis=0)
+  back = steps[-1] - steps[-1] // 6
+  at = max(i for i, s in enumerate(steps) if s <= back)
+  gain = 100 * float(mean[-1] - mean[at])
+  return {"steps": steps, "mean_validation_accuracy": [float(m) for m in mean],
+          "last_sixth_gain_points": gain, "from_step": steps[at],
+          "plateaued": gain < PLATEAU_POINTS}
+
+
 def summarize(out, base, regimes, objectives) -> dict[str, Any]:
   """Per regime and objective: every candidate's validation accuracies, the
   choice, the confirmation runs, and the paired comparison with CE."""
@@ -236,6 +255,7 @@ def summarize(out, base, regimes, objectives) -> dict[str, Any]:
                           if entry["chosen"] is not None else None)
       row["objectives"][objective] = entry
     ce = row["objectives"]["ce"]["confirm"]
+    row["ce_plateau"] = plateau(ce) if ce else None
     for objective, entry in row["objectives"].items():
       if objective != "ce" and ce and entry["confirm"]:
         entry["test_accuracy"] = stats_lib.paired(
@@ -313,6 +333,14 @@ def markdown(results: dict[str, Any]) -> str:
       lines.append(f"| {config_lib.objective_name(objective)} | "
                    f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
     lines.append("")
+    p = row.get("ce_plateau")
+    if p:
+      lines += [f"Convergence: tuned CE's mean validation accuracy rose "
+                f"{p['last_sixth_gain_points']:+.2f} points from step "
+                f"{p['from_step']} to {p['steps'][-1]}: "
+                + ("plateaued" if p["plateaued"] else "**not plateaued**")
+                + f" (the rule: under {PLATEAU_POINTS} points over the last "
+                "sixth of the steps).", ""]
   return "\n".join(lines)
 
 

@@ -128,12 +128,15 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   assert last.objective == "opl" and last.phase == "confirm"
   # Binary fractions (exact in float64), a different gap per objective.
   gap = {"ce": 0.0, "gini_kl": 0.0625, "opl": -0.03125}
+  # Validation at steps 100..600; binary fractions, so means are exact.
+  curve = [0.5, 0.625, 0.6875, 0.6875, 0.703125, 0.70703125]
   for run in runs:
     folder = run.folder(tmp_path)
     folder.mkdir(parents=True)
     test = 0.5 + gap[run.objective] + (run.seed % 4) / 64 * (run.objective != "ce")
-    (folder / "metrics.jsonl").write_text(json.dumps(
-        {"step": 4, "split": "validation", "accuracy": 0.5}) + "\n")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": step, "split": "validation", "accuracy": a}) + "\n"
+        for step, a in zip(range(100, 700, 100), curve)))
     if run != last:
       workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.5,
                                          "test_accuracy": test})
@@ -151,6 +154,10 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   whole = verdict.run_verdict(base, str(tmp_path), [regime], objectives, (0, 2))
   assert whole["complete"] and json.loads(
       (tmp_path / "verdict.json").read_text())["complete"]
+  # Convergence: CE's mean curve gained 0.39 points over the last sixth.
+  plateau = whole["regimes"]["4_per_class"]["ce_plateau"]
+  assert plateau["from_step"] == 500 and plateau["last_sixth_gain_points"] == 0.390625
+  assert plateau["plateaued"] and "plateaued (the rule" in (tmp_path / "verdict.md").read_text()
   rows = whole["regimes"]["4_per_class"]["objectives"]
   ps = [rows[o]["test_accuracy"]["p_t"] for o in ("gini_kl", "opl")]
   # The same library call on the same p-values: equal bit for bit.
