@@ -62,6 +62,13 @@ TERM_WEIGHTS = {"gini": ("loss.lambda_gini",), "kl": ("loss.lambda_kl",),
                 "supcon": ("baseline.supcon.weight",)}
 
 
+# Capacity, a secondary analysis with its own Holm family: CE and the loss
+# at their tuned settings on wider models (``--capacity``), paired on the
+# first fresh seeds; the base width's pairs are its confirmation runs.
+CAPACITY_OBJECTIVES = ("ce", "gini_kl")
+CAPACITY_SEEDS = FRESH_SEEDS[:5]
+
+
 @dataclasses.dataclass(frozen=True)
 class Regime:
   """A data set at ``per_class`` training images of each class, trained
@@ -105,15 +112,18 @@ def regime_config(base, regime: Regime, num_classes: int):
 @dataclasses.dataclass(frozen=True)
 class Run:
   regime: str
-  phase: str  # "tune" or "confirm"
+  phase: str  # "tune", "confirm" or "capacity"
   objective: str
   candidate: int | None
   seed: int
+  width: float | None = None  # capacity runs: the model's width multiplier
 
   def folder(self, out: epath.Path) -> epath.Path:
     where = out / self.regime / self.phase
     if self.candidate is not None:
       where = where / f"c{self.candidate}"
+    if self.width is not None:
+      where = where / f"width_{self.width:g}"
     return workdir_lib.run_dir(where, self.objective, self.seed)
 
 
@@ -125,6 +135,18 @@ def tuning_runs(regimes, objectives) -> list[Run]:
 def confirm_runs(regimes, objectives) -> list[Run]:
   return [Run(r.name, "confirm", o, None, s) for r in regimes
           for o in objectives for s in FRESH_SEEDS]
+
+
+def capacity_runs(regimes, widths) -> list[Run]:
+  return [Run(r.name, "capacity", o, None, s, w) for r in regimes
+          for w in widths for o in CAPACITY_OBJECTIVES for s in CAPACITY_SEEDS]
+
+
+def run_config(regime_config_, run: Run, setting: dict[str, float]):
+  """The config ``run`` trains: its regime's, with the objective's
+  setting (and, for capacity runs, the width)."""
+  width = {} if run.width is None else {"model_kwargs.width_multiplier": run.width}
+  return config_lib.with_fields(regime_config_, **setting, **width)
 
 
 def _validation(out, run: Run) -> float | None:
@@ -159,7 +181,8 @@ def _train(out, config, run: Run) -> None:
 def run_verdict(base, workdir: str, regimes: list[Regime],
                 objectives=config_lib.COMPARED_OBJECTIVES,
                 shard: tuple[int, int] | None = None, *,
-                train: bool = True) -> dict[str, Any] | None:
+                train: bool = True, widths: tuple[float, ...] = ()
+                ) -> dict[str, Any] | None:
   """Trains what is missing (tuning first, then each objective's chosen
   setting on the fresh seeds), then writes ``verdict.json``,
   ``verdict.md`` and the figures, and returns the results. With
@@ -167,11 +190,16 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   that finds confirmation waiting on another's tuning stops (rerunning it
   later goes on), and only a shard that finds every run finished writes the
   results: others return None. ``train=False`` trains nothing and writes
-  what is finished so far (``complete`` false until every run is)."""
+  what is finished so far (``complete`` false until every run is).
+  ``widths``: the capacity analysis's width multipliers, trained after a
+  regime's confirmation (CE and CE+Gini+KL, :data:`CAPACITY_SEEDS`)."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   if "ce" not in objectives:
     raise ConfigError("the verdict compares with CE: --objectives must "
                       f"include ce, got {list(objectives)}")
+  if widths and not set(CAPACITY_OBJECTIVES) <= set(objectives):
+    raise ConfigError(f"--capacity compares {' and '.join(CAPACITY_OBJECTIVES)}: "
+                      f"--objectives must include both, got {list(objectives)}")
   out = epath.Path(workdir)
   num_classes = runtime.load_dataset_of(base).num_classes
   configs = {r.name: regime_config(base, r, num_classes) for r in regimes}
@@ -179,22 +207,24 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   out.mkdir(parents=True, exist_ok=True)
   for regime in regimes if train else []:  # one regime, then the next
     runs = (tuning_runs([regime], objectives)
-            + confirm_runs([regime], objectives))
+            + confirm_runs([regime], objectives)
+            + capacity_runs([regime], widths))
     for run in study.shard_of(runs, shard):
       if workdir_lib.finished(run.folder(out)):
         continue
       k, phase = run.candidate, run.phase
-      if phase == "confirm":
+      if phase != "tune":
         k = choose(out, by_name[run.regime], run.objective)
         if k is None:
           logging.info("%s: tuning of %s not finished; its confirmation waits",
                        run.regime, run.objective)
           continue
       setting = candidates(run.objective, base)[k]
-      logging.info("%s %s %s candidate %d seed %d: %s", run.regime, phase,
-                   run.objective, k, run.seed, setting)
-      _train(out, config_lib.with_fields(configs[run.regime], **setting), run)
-  results = summarize(out, base, regimes, objectives)
+      logging.info("%s %s %s candidate %d seed %d%s: %s", run.regime, phase,
+                   run.objective, k, run.seed,
+                   "" if run.width is None else f" width {run.width:g}", setting)
+      _train(out, run_config(configs[run.regime], run, setting), run)
+  results = summarize(out, base, regimes, objectives, widths)
   if shard is not None and train and not results["complete"]:
     return None  # the shard that finishes the last run writes the results
   workdir_lib.write_atomically(
@@ -204,10 +234,12 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   return results
 
 
-def _confirmed(out, regime: Regime, objective: str) -> list[dict[str, Any]] | None:
+def _confirmed(out, regime: Regime, objective: str, seeds=None,
+               width: float | None = None) -> list[dict[str, Any]] | None:
   runs = []
-  for seed in FRESH_SEEDS:
-    folder = Run(regime.name, "confirm", objective, None, seed).folder(out)
+  phase = "confirm" if width is None else "capacity"
+  for seed in FRESH_SEEDS if seeds is None else seeds:
+    folder = Run(regime.name, phase, objective, None, seed, width).folder(out)
     if not workdir_lib.finished(folder):
       return None
     s = workdir_lib.read_summary(folder)
@@ -238,9 +270,36 @@ def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
           "plateaued": gain < PLATEAU_POINTS}
 
 
-def summarize(out, base, regimes, objectives) -> dict[str, Any]:
+def _capacity(out, base, regime: Regime, row, widths) -> dict[str, Any]:
+  """Per width (the base width from the confirmation runs): CE's and the
+  loss's runs on :data:`CAPACITY_SEEDS` and their paired comparison, with
+  Holm over the widths once all are in."""
+  base_width = float(base.model_kwargs.get("width_multiplier", 1.0))
+  table = {}
+  for w in (base_width, *widths):
+    runs = {}
+    for o in CAPACITY_OBJECTIVES:
+      if w == base_width:
+        confirmed = row["objectives"][o]["confirm"]
+        runs[o] = confirmed and [r for r in confirmed if r["seed"] in CAPACITY_SEEDS]
+      else:
+        runs[o] = _confirmed(out, regime, o, CAPACITY_SEEDS, w)
+    entry = table[f"{w:g}"] = {"runs": runs}
+    if all(runs.values()):
+      ce, loss = (runs[o] for o in CAPACITY_OBJECTIVES)
+      entry["test_accuracy"] = stats_lib.paired(
+          [r["test_accuracy"] for r in loss], [r["test_accuracy"] for r in ce])
+  done = [e["test_accuracy"] for e in table.values() if "test_accuracy" in e]
+  if len(done) == len(table):
+    for t, p in zip(done, stats_lib.holm([t["p_t"] for t in done])):
+      t["p_holm"] = p
+  return table
+
+
+def summarize(out, base, regimes, objectives, widths=()) -> dict[str, Any]:
   """Per regime and objective: every candidate's validation accuracies, the
-  choice, the confirmation runs, and the paired comparison with CE."""
+  choice, the confirmation runs, and the paired comparison with CE; with
+  ``widths``, the capacity analysis."""
   rows: dict[str, Any] = {}
   for regime in regimes:
     row = rows[regime.name] = {"regime": dataclasses.asdict(regime),
@@ -267,19 +326,24 @@ def summarize(out, base, regimes, objectives) -> dict[str, Any]:
   # Holm p from above.
   family = [(r, o) for r in rows for o in objectives if o != "ce"]
   done = [(r, o) for r, o in family if "test_accuracy" in rows[r]["objectives"][o]]
-  complete = len(done) == len(family) and all(
+  primary = len(done) == len(family) and all(
       e["confirm"] for row in rows.values() for e in row["objectives"].values())
   ps = [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in done]
-  adjusted = (stats_lib.holm(ps) if complete
+  adjusted = (stats_lib.holm(ps) if primary
               else [None if p is None else min(1.0, len(family) * p) for p in ps])
   for (r, o), p in zip(done, adjusted):
     entry = rows[r]["objectives"][o]
-    entry["test_accuracy"]["p_holm" if complete else "p_bonferroni"] = p
+    entry["test_accuracy"]["p_holm" if primary else "p_bonferroni"] = p
     # Bonferroni's simultaneous interval over the family (Holm's first step).
     ce = rows[r]["objectives"]["ce"]["confirm"]
     entry["simultaneous_ci"] = stats_lib.t_interval(
         [a["test_accuracy"] - b["test_accuracy"]
          for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
+  for regime in regimes if widths else []:
+    rows[regime.name]["capacity"] = _capacity(out, base, regime,
+                                              rows[regime.name], widths)
+  complete = primary and all("test_accuracy" in e for row in rows.values()
+                             for e in row.get("capacity", {}).values())
   return {"complete": complete,
           "protocol": {"candidates": NUM_CANDIDATES,
                        "tuning_seeds": list(TUNING_SEEDS),
@@ -287,7 +351,10 @@ def summarize(out, base, regimes, objectives) -> dict[str, Any]:
                        "search": {k: list(v) for k, v in SEARCH.items()},
                        "term_weights": "0.1x to 10x the default, log-uniform",
                        "choice": "highest mean best validation accuracy",
-                       "holm_family": len(family)},
+                       "holm_family": len(family),
+                       **({"capacity": {"widths": list(widths),
+                                        "seeds": list(CAPACITY_SEEDS)}}
+                          if widths else {})},
           "regimes": rows}
 
 
@@ -310,8 +377,8 @@ def markdown(results: dict[str, Any]) -> str:
            f"{family} primary comparisons.", ""]
   if not results["complete"]:
     lines[-1:] = ["", f"**Not complete**: runs are missing. Until every one "
-                  f"of the {family} comparisons is in, the p (Holm) column "
-                  "gives Bonferroni's p over all of them (≥ Holm's).", ""]
+                  f"of the {family} primary comparisons is in, the p (Holm) "
+                  "column gives Bonferroni's p over all of them (≥ Holm's).", ""]
   for name, row in results["regimes"].items():
     lines += [f"## {name}", "",
               "| objective | tuned setting | test acc. (%) | Δ to CE (points) "
@@ -326,13 +393,15 @@ def markdown(results: dict[str, Any]) -> str:
         lo, hi = t["diff_to_ce_ci95"]
         diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–"
-              for k in ("p_t", "p_holm" if results["complete"] else
-                        "p_bonferroni", "p_sign_flip")]
+              for k in ("p_t", "p_holm" if "p_holm" in t else "p_bonferroni",
+                        "p_sign_flip")]
       else:
         diff, ps = "–", ["–"] * 3
       lines.append(f"| {config_lib.objective_name(objective)} | "
                    f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
     lines.append("")
+    if row.get("capacity"):
+      lines += _capacity_lines(row["capacity"])
     p = row.get("ce_plateau")
     if p:
       lines += [f"Convergence: tuned CE's mean validation accuracy rose "
@@ -342,6 +411,25 @@ def markdown(results: dict[str, Any]) -> str:
                 + f" (the rule: under {PLATEAU_POINTS} points over the last "
                 "sixth of the steps).", ""]
   return "\n".join(lines)
+
+
+def _capacity_lines(table) -> list[str]:
+  lines = [f"Capacity (secondary; {len(CAPACITY_SEEDS)} fresh seeds, each "
+           "objective at its tuned setting; p (Holm) over the widths):", "",
+           "| width | CE (%) | CE+Gini+KL (%) | Δ (points) | p (t) | p (Holm) |",
+           "|---|---|---|---|---|---|"]
+  for w, entry in table.items():
+    accs = [f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f}"
+            if runs else "–" for runs in entry["runs"].values()]
+    t = entry.get("test_accuracy")
+    if t and t["diff_to_ce_ci95"]:
+      lo, hi = t["diff_to_ce_ci95"]
+      diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+      ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–" for k in ("p_t", "p_holm")]
+    else:
+      diff, ps = "–", ["–", "–"]
+    lines.append(f"| {w} | {' | '.join(accs)} | {diff} | {' | '.join(ps)} |")
+  return lines + [""]
 
 
 def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:

@@ -35,6 +35,10 @@ _BATCH = flags.DEFINE_integer("batch", 100, "Batch size of every run.")
 _OBJECTIVES = flags.DEFINE_list(
     "objectives", None, "Objectives (default: CE, CE+Gini+KL and the baselines).")
 _SHARD = flags.DEFINE_string("shard", "", "I/N: train only shard I of N.")
+_CAPACITY = flags.DEFINE_list(
+    "capacity", [], "Width multipliers of the capacity analysis (e.g. "
+    "0.25,0.5: 128 and 256 features for the configs' ResNet-18 at 1/8), "
+    "trained after each regime's confirmation.")
 _REPORT = flags.DEFINE_bool(
     "report", False, "Train nothing: write the results of the finished runs "
     "(marked incomplete while runs are missing).")
@@ -64,14 +68,27 @@ def main(argv):
   shard = run_with_one_line_errors(lambda: study.parse_shard(_SHARD.value))
   objectives = tuple(_OBJECTIVES.value or config_lib.COMPARED_OBJECTIVES)
 
+  def widths():
+    try:
+      out = tuple(float(w) for w in _CAPACITY.value)
+    except ValueError:
+      out = (0.0,)
+    if any(w <= 0 for w in out):
+      raise config_lib.ConfigError(
+          f"--capacity={','.join(_CAPACITY.value)} must be positive width "
+          "multipliers, e.g. --capacity=0.25,0.5")
+    return out
+
   def run():
     if shard is None:
       with cli.in_workdir(_WORKDIR.value):
         return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
-                                   objectives, train=not _REPORT.value)
+                                   objectives, train=not _REPORT.value,
+                                   widths=widths())
     cli.route_logs(f"{_WORKDIR.value}/shard_{shard[0]}_of_{shard[1]}")
     return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
-                               objectives, shard, train=not _REPORT.value)
+                               objectives, shard, train=not _REPORT.value,
+                               widths=widths())
 
   results = run_with_one_line_errors(run)
   if results is None:

@@ -163,3 +163,47 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   # The same library call on the same p-values: equal bit for bit.
   assert [rows[o]["test_accuracy"]["p_holm"] for o in ("gini_kl", "opl")] == list(
       multipletests(ps, method="holm")[1])
+
+
+def test_capacity_pairs_the_tuned_settings_at_each_width(
+    fashion_data_dir, tmp_path, monkeypatch, smoke_config):
+  """Finished runs written by hand: the capacity table pairs CE and the loss
+  at each width (the base width from the confirmation runs of the first
+  seeds), Holm over the widths; a capacity run trains its objective's
+  chosen setting at its width."""
+  monkeypatch.setattr(verdict, "NUM_CANDIDATES", 1)
+  monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102, 103))
+  monkeypatch.setattr(verdict, "CAPACITY_SEEDS", (100, 101, 102))
+  base = smoke_config(data_dir=fashion_data_dir)
+  base_width = base.model_kwargs.width_multiplier
+  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20)
+  objectives = ("ce", "gini_kl")
+  runs = (verdict.tuning_runs([regime], objectives)
+          + verdict.confirm_runs([regime], objectives)
+          + verdict.capacity_runs([regime], (0.5,)))
+  assert {(r.width, r.seed) for r in runs if r.phase == "capacity"} == {
+      (0.5, s) for s in (100, 101, 102)}
+  gap = {None: 0.0625, 0.5: -0.125}  # the loss's gain at each width (exact)
+  for run in runs:
+    folder = run.folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(json.dumps(
+        {"step": 4, "split": "validation", "accuracy": 0.5}) + "\n")
+    test = 0.5 + (run.seed % 4) / 64 + (
+        gap[run.width] if run.objective == "gini_kl" else 0.0)
+    workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.5,
+                                       "test_accuracy": test})
+  results = verdict.run_verdict(base, str(tmp_path), [regime], objectives,
+                                widths=(0.5,))
+  assert results["complete"]
+  table = results["regimes"]["4_per_class"]["capacity"]
+  assert list(table) == [f"{base_width:g}", "0.5"]
+  assert [r["seed"] for r in table[f"{base_width:g}"]["runs"]["ce"]] == [100, 101, 102]
+  assert table[f"{base_width:g}"]["test_accuracy"]["diff_to_ce_mean"] == 0.0625
+  assert table["0.5"]["test_accuracy"]["diff_to_ce_mean"] == -0.125
+  assert all(e["test_accuracy"]["p_holm"] is not None for e in table.values())
+  assert "| 0.5 |" in (tmp_path / "verdict.md").read_text()
+  run = verdict.capacity_runs([regime], (0.5,))[0]
+  config = verdict.run_config(base, run, {"optimizer.lr": 0.25})
+  assert config.model_kwargs.width_multiplier == 0.5 and config.optimizer.lr == 0.25
