@@ -20,10 +20,12 @@ of steps), the protocol is fixed before any run:
    sign-flip p-values, and Holm's correction over every primary comparison of
    the file (all regimes together).
 
-Runs live in ``WORKDIR/REGIME/tune/cK/OBJECTIVE/seedS`` and
-``WORKDIR/REGIME/confirm/OBJECTIVE/seedS``; finished runs are never redone, so
+Runs live in ``WORKDIR/REGIME/tune/cK/OBJECTIVE/seedS``,
+``WORKDIR/REGIME/confirm/OBJECTIVE/seedS`` and (the capacity analysis)
+``WORKDIR/REGIME/capacity/width_W/OBJECTIVE/seedS``; finished runs are never redone, so
 the whole protocol resumes by rerunning its command. ``verdict.json`` keeps
-every run's seed and accuracies, so each figure recomputes from it.
+every run's seed and accuracies, so each figure recomputes from it; its
+table and figures are ``discrim_jax.verdict_report``'s.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ import numpy as np
 
 from discrim_jax import compare
 from discrim_jax import config_lib
-from discrim_jax import report
 from discrim_jax import stats as stats_lib
 from discrim_jax import study
+from discrim_jax import verdict_report
 from discrim_jax import workdir as workdir_lib
 from discrim_jax.config_lib import ConfigError
 
@@ -229,8 +231,8 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
     return None  # the shard that finishes the last run writes the results
   workdir_lib.write_atomically(
       out / "verdict.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-  workdir_lib.write_atomically(out / "verdict.md", markdown(results))
-  plot(out, results)
+  workdir_lib.write_atomically(out / "verdict.md", verdict_report.markdown(results))
+  verdict_report.plot(out, results)
   return results
 
 
@@ -267,7 +269,7 @@ def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
   gain = 100 * float(mean[-1] - mean[at])
   return {"steps": steps, "mean_validation_accuracy": [float(m) for m in mean],
           "last_sixth_gain_points": gain, "from_step": steps[at],
-          "plateaued": gain < PLATEAU_POINTS}
+          "plateaued": gain < PLATEAU_POINTS, "rule_points": PLATEAU_POINTS}
 
 
 def _capacity(out, base, regime: Regime, row, widths) -> dict[str, Any]:
@@ -356,150 +358,3 @@ def summarize(out, base, regimes, objectives, widths=()) -> dict[str, Any]:
                                         "seeds": list(CAPACITY_SEEDS)}}
                           if widths else {})},
           "regimes": rows}
-
-
-def _setting(entry) -> str:
-  if entry["chosen"] is None:
-    return "tuning"
-  setting = entry["candidates"][entry["chosen"]]["setting"]
-  return ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in setting.items())
-
-
-def markdown(results: dict[str, Any]) -> str:
-  """One table per regime: the tuned setting, the confirmation's test
-  accuracy and its paired comparison with tuned CE."""
-  family = results["protocol"]["holm_family"]
-  lines = ["Each objective tuned on validation with the same budget "
-           f"({results['protocol']['candidates']} settings x "
-           f"{len(TUNING_SEEDS)} seeds), then trained on "
-           f"{len(FRESH_SEEDS)} fresh seeds; Δ: paired difference to tuned "
-           "CE on test, 95% t-interval; p (Holm) over the "
-           f"{family} primary comparisons.", ""]
-  if not results["complete"]:
-    lines[-1:] = ["", f"**Not complete**: runs are missing. Until every one "
-                  f"of the {family} primary comparisons is in, the p (Holm) "
-                  "column gives Bonferroni's p over all of them (≥ Holm's).", ""]
-  for name, row in results["regimes"].items():
-    lines += [f"## {name}", "",
-              "| objective | tuned setting | test acc. (%) | Δ to CE (points) "
-              "| p (t) | p (Holm) | p (sign flip) |", "|---|---|---|---|---|---|---|"]
-    for objective, entry in row["objectives"].items():
-      runs = entry["confirm"]
-      acc = (f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f} ± "
-             f"{100 * np.std([r['test_accuracy'] for r in runs], ddof=1):.2f}"
-             if runs else "–")
-      t = entry.get("test_accuracy")
-      if t and t["diff_to_ce_ci95"]:
-        lo, hi = t["diff_to_ce_ci95"]
-        diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-        ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–"
-              for k in ("p_t", "p_holm" if "p_holm" in t else "p_bonferroni",
-                        "p_sign_flip")]
-      else:
-        diff, ps = "–", ["–"] * 3
-      lines.append(f"| {config_lib.objective_name(objective)} | "
-                   f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
-    lines.append("")
-    if row.get("capacity"):
-      lines += _capacity_lines(row["capacity"])
-    p = row.get("ce_plateau")
-    if p:
-      lines += [f"Convergence: tuned CE's mean validation accuracy rose "
-                f"{p['last_sixth_gain_points']:+.2f} points from step "
-                f"{p['from_step']} to {p['steps'][-1]}: "
-                + ("plateaued" if p["plateaued"] else "**not plateaued**")
-                + f" (the rule: under {PLATEAU_POINTS} points over the last "
-                "sixth of the steps).", ""]
-  return "\n".join(lines)
-
-
-def _capacity_lines(table) -> list[str]:
-  lines = [f"Capacity (secondary; {len(CAPACITY_SEEDS)} fresh seeds, each "
-           "objective at its tuned setting; p (Holm) over the widths):", "",
-           "| width | CE (%) | CE+Gini+KL (%) | Δ (points) | p (t) | p (Holm) |",
-           "|---|---|---|---|---|---|"]
-  for w, entry in table.items():
-    accs = [f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f}"
-            if runs else "–" for runs in entry["runs"].values()]
-    t = entry.get("test_accuracy")
-    if t and t["diff_to_ce_ci95"]:
-      lo, hi = t["diff_to_ce_ci95"]
-      diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-      ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–" for k in ("p_t", "p_holm")]
-    else:
-      diff, ps = "–", ["–", "–"]
-    lines.append(f"| {w} | {' | '.join(accs)} | {diff} | {' | '.join(ps)} |")
-  return lines + [""]
-
-
-def plot(out: epath.Path, results: dict[str, Any]) -> list[epath.Path]:
-  """``verdict_forest.png`` (every primary Δ with its 95% and its
-  simultaneous interval) and ``verdict_curves.png`` (the confirmation runs'
-  validation accuracy over training), once there is something to draw."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  rows = [(r, o, e) for r, row in results["regimes"].items()
-          for o, e in row["objectives"].items() if e.get("test_accuracy")
-          and e["test_accuracy"]["diff_to_ce_ci95"]]
-  paths = []
-  if rows:
-    paths.append(_forest(plt, out, rows, results))
-  curves = {r: {o: e["confirm"] for o, e in row["objectives"].items()
-                if e.get("confirm")} for r, row in results["regimes"].items()}
-  curves = {r: c for r, c in curves.items() if c}
-  if curves:
-    paths.append(_curves(plt, out, curves))
-  return paths
-
-
-def _forest(plt, out, rows, results) -> epath.Path:
-  m = len(rows)
-  fig, ax = plt.subplots(figsize=(7, 0.45 * m + 1.4))
-  for y, (regime, objective, entry) in enumerate(reversed(rows)):
-    ce = entry["test_accuracy"]
-    lo, hi = (100 * v for v in ce["diff_to_ce_ci95"])
-    slo, shi = (100 * v for v in entry["simultaneous_ci"])
-    ax.plot([slo, shi], [y, y], color="0.6", lw=1)
-    ax.plot([lo, hi], [y, y], color="C0", lw=3)
-    p = ce.get("p_holm", ce.get("p_bonferroni"))
-    survives = p is not None and p < 0.05
-    ax.plot(100 * ce["diff_to_ce_mean"], y, "o", color="C3" if survives else "C0",
-            mfc="C3" if survives else "white")
-  ax.axvline(0, color="k", lw=0.8)
-  ax.set_yticks(range(m))
-  ax.set_yticklabels([f"{r}: {config_lib.objective_name(o)}"
-                      for r, o, _ in reversed(rows)])
-  ax.set_xlabel("test accuracy, difference to tuned CE (points)")
-  family = results["protocol"]["holm_family"]
-  ax.set_title(f"Paired Δ over {len(FRESH_SEEDS)} fresh seeds: 95% interval "
-               f"(thick), simultaneous\nover the {family} comparisons (thin); "
-               "red: p (Holm) < 0.05"
-               + ("" if results["complete"] else
-                  f" [{m} of {family} in: Bonferroni]"), fontsize=8)
-  fig.tight_layout()
-  report.save_figure(fig, out / "verdict_forest.png")
-  plt.close(fig)
-  return out / "verdict_forest.png"
-
-
-def _curves(plt, out, curves) -> epath.Path:
-  fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4),
-                           squeeze=False)
-  for ax, (regime, by_objective) in zip(axes[0], curves.items()):
-    for i, (objective, runs) in enumerate(by_objective.items()):
-      for r in runs:
-        steps, acc = zip(*r["validation_curve"])
-        ax.plot(steps, 100 * np.array(acc), color=f"C{i}", lw=0.5, alpha=0.3)
-      mean = 100 * np.mean([[a for _, a in r["validation_curve"]] for r in runs],
-                           axis=0)
-      ax.plot(steps, mean, color=f"C{i}", lw=2,
-              label=config_lib.objective_name(objective))
-    ax.set_title(regime)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation accuracy (%)")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  report.save_figure(fig, out / "verdict_curves.png")
-  plt.close(fig)
-  return out / "verdict_curves.png"

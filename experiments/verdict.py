@@ -48,7 +48,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from discrim_jax import config_lib, study, verdict  # pylint: disable=g-import-not-at-top
+  from discrim_jax import config_lib, study, verdict, verdict_report  # pylint: disable=g-import-not-at-top
 
   def regimes():
     try:
@@ -95,7 +95,7 @@ def main(argv):
     print(f"shard {_SHARD.value} done; other runs are missing: the shard that "
           "finishes the last one writes the results (or rerun with --report)")
     return
-  print(verdict.markdown(results))
+  print(verdict_report.markdown(results))
   print(f"verdict.md and verdict.json in {_WORKDIR.value}")
 
 
