@@ -207,3 +207,39 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   run = verdict.capacity_runs([regime], (0.5,))[0]
   config = verdict.run_config(base, run, {"optimizer.lr": 0.25})
   assert config.model_kwargs.width_multiplier == 0.5 and config.optimizer.lr == 0.25
+
+
+def test_committed_results_recompute_from_their_per_seed_values():
+  """experiments/results/verdict_fashion/verdict.json: every choice,
+  interval and p-value recomputes from the per-run values it keeps."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  path = (Path(__file__).parents[1] / "experiments" / "results"
+          / "verdict_fashion" / "verdict.json")
+  results = json.loads(path.read_text())
+  family = results["protocol"]["holm_family"]
+  checked = 0
+  for row in results["regimes"].values():
+    ce = row["objectives"]["ce"]["confirm"]
+    for objective, entry in row["objectives"].items():
+      means = [np.mean(c["validation_accuracy"]) for c in entry["candidates"]
+               if None not in c["validation_accuracy"]]
+      if len(means) == len(entry["candidates"]):
+        assert entry["chosen"] == int(np.argmax(means)), objective
+      if "test_accuracy" not in entry:
+        continue
+      kept = entry["test_accuracy"]
+      again = stats.paired([r["test_accuracy"] for r in entry["confirm"]],
+                           [r["test_accuracy"] for r in ce])
+      # The same float64 functions on the same values; another CPU's libm
+      # may round the t quantile's last bits otherwise: 1e-12 relative.
+      for key in ("diff_to_ce_mean", "p_t", "p_sign_flip"):
+        assert kept[key] == pytest.approx(again[key], rel=1e-12), key
+      assert kept["diff_to_ce_ci95"] == pytest.approx(again["diff_to_ce_ci95"],
+                                                      rel=1e-12)
+      if results["complete"]:
+        assert kept["p_holm"] is not None
+      else:
+        assert kept["p_bonferroni"] == pytest.approx(min(1.0, family * kept["p_t"]),
+                                                     rel=1e-12)
+      checked += 1
+  assert checked >= 4
