@@ -331,7 +331,8 @@ def jpeg_records_fixture(tmp_path_factory):
 def test_jpeg_records_stream_the_same_batches_from_any_step(jpeg_records):
   """Large JPEG records take the batch decoder: float images in [0, 1], the
   records' labels, and a stream started at step 3 (a resumed run) gives the
-  batch an unbroken stream gives there, bit for bit."""
+  batch an unbroken stream gives there, bit for bit, as do two hosts
+  together."""
   ds = jpeg_records
   assert ds.jpeg and ds.image_shape == (96, 96, 3)
   kwargs = dict(train=True, seed=5, augment=True, normalize=False,
@@ -345,6 +346,13 @@ def test_jpeg_records_stream_the_same_batches_from_any_step(jpeg_records):
   assert image.shape == (16, 96, 96, 3) and image.dtype == np.float32
   assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
   assert not np.array_equal(image, batches[1]["image"])
+  # Two hosts' batches are the halves of one host's: each example's crop is
+  # drawn from its place in the global batch, not in its host's stream.
+  halves = [next(streaming.iterate(ds, "train", 16, start_step=2, **{
+      **kwargs, "process_index": i, "process_count": 2})) for i in (0, 1)]
+  for key, value in batches[2].items():
+    np.testing.assert_array_equal(
+        value, np.concatenate([h[key] for h in halves]), err_msg=key)
   # The first epoch's order is the in-memory path's; the labels are the records'.
   order = data.batching.epoch_order(ds.num_examples("train"), 5, 0)
   assert batches[0]["label"].tolist() == [ds.record("train", int(i))[1]

@@ -21,7 +21,8 @@ Augmentation: images of at most 64 pixels get the in-memory path's CIFAR
 recipe (4-pixel pad-and-crop and flip, drawn per global batch from
 ``(seed, step)`` with TensorFlow's stateless ops); larger ones the
 ImageNet recipe, random-resized crop (scale 0.08-1, ratio 3/4-4/3) and flip,
-drawn per example from ``(seed, position in the stream)``; JPEG records get
+drawn per example from ``(seed, place in the global stream)``, so that
+every host draws its own rows' crops; JPEG records get
 it from TensorFlow a batch at a time, decoding only each crop's window
 (:func:`jpeg_batch_decoder`). Evaluation resizes the shorter side and
 centre-crops.
@@ -302,12 +303,16 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
       return (i, 1.0) if i < n else (0, 0.0)  # padding: example 0, masked
     first, length = 0, num_batches * local
 
+  def slot(position):  # the example's place in the global stream, the same
+    step, j = divmod(position, local)  # on every host: its augmentation key
+    return step * batch_size + rows.start + j
+
   def load(position):
     i, mask = locate(position)
     image, label = dataset.record(split, i)
     if per_example_augment:
       image = random_resized_crop(image, shape,
-                                  np.random.default_rng([seed, position, 1]))
+                                  np.random.default_rng([seed, slot(position), 1]))
     else:
       image = _fit(image, shape)
     return {"image": image, "label": np.int32(label), "mask": np.float32(mask)}
@@ -322,7 +327,7 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
       located = [locate(p) for p in positions]
       images, labels = decode(
           dataset.serialized(split, [i for i, _ in located]),
-          np.stack([np.full(local, seed), positions], 1))
+          np.stack([np.full(local, seed), [slot(p) for p in positions]], 1))
       return {"image": images.numpy(), "label": labels.numpy(),
               "mask": np.array([m for _, m in located], np.float32)}
     ds = grain.MapDataset.range(first // local, (first + length) // local
