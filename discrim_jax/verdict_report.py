@@ -54,14 +54,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"{100 * np.std([r['test_accuracy'] for r in runs], ddof=1):.2f}"
              if runs else "–")
       t = entry.get("test_accuracy")
-      if t and t["diff_to_ce_ci95"]:
-        lo, hi = t["diff_to_ce_ci95"]
-        diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-        ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–"
-              for k in ("p_t", "p_holm" if "p_holm" in t else "p_bonferroni",
-                        "p_sign_flip")]
-      else:
-        diff, ps = "–", ["–"] * 3
+      holm = "p_holm" if "p_holm" in (t or {}) else "p_bonferroni"
+      diff, ps = _comparison(t, ("p_t", holm, "p_sign_flip"))
       lines.append(f"| {config_lib.objective_name(objective)} | "
                    f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
     lines.append("")
@@ -79,6 +73,16 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _comparison(t: dict[str, Any] | None, p_keys) -> tuple[str, list[str]]:
+  """A paired comparison's table cells: Δ in points with its 95% interval,
+  and the p-values named by ``p_keys`` ("–" where missing)."""
+  if not (t and t["diff_to_ce_ci95"]):
+    return "–", ["–"] * len(p_keys)
+  lo, hi = t["diff_to_ce_ci95"]
+  diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+  return diff, [f"{t[k]:.3g}" if t.get(k) is not None else "–" for k in p_keys]
+
+
 def _capacity_lines(table, seeds) -> list[str]:
   lines = [f"Capacity (secondary; {len(seeds)} fresh seeds, each "
            "objective at its tuned setting; p (Holm) over the widths):", "",
@@ -87,13 +91,7 @@ def _capacity_lines(table, seeds) -> list[str]:
   for w, entry in table.items():
     accs = [f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f}"
             if runs else "–" for runs in entry["runs"].values()]
-    t = entry.get("test_accuracy")
-    if t and t["diff_to_ce_ci95"]:
-      lo, hi = t["diff_to_ce_ci95"]
-      diff = f"{100 * t['diff_to_ce_mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-      ps = [f"{t[k]:.3g}" if t.get(k) is not None else "–" for k in ("p_t", "p_holm")]
-    else:
-      diff, ps = "–", ["–", "–"]
+    diff, ps = _comparison(entry.get("test_accuracy"), ("p_t", "p_holm"))
     lines.append(f"| {w} | {' | '.join(accs)} | {diff} | {' | '.join(ps)} |")
   return lines + [""]
 

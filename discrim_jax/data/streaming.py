@@ -327,7 +327,7 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
       located = [locate(p) for p in positions]
       images, labels = decode(
           dataset.serialized(split, [i for i, _ in located]),
-          np.stack([np.full(local, seed), [slot(p) for p in positions]], 1))
+          np.stack([np.full(local, seed), slot(positions)], 1))
       return {"image": images.numpy(), "label": labels.numpy(),
               "mask": np.array([m for _, m in located], np.float32)}
     ds = grain.MapDataset.range(first // local, (first + length) // local
