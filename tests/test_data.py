@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from discrim_jax import data
 from discrim_jax.data import fashion_mnist
+from discrim_jax.data import tfds_access
 from discrim_jax.data.synthetic import SyntheticDataset
 
 
@@ -227,3 +228,26 @@ def test_split_sizes_without_decoding_images(fashion_data_dir, monkeypatch):
   monkeypatch.undo()
   assert [len(ds.arrays(s)[1]) for s in ("train", "validation", "test")] == [
       55000, 5000, 10000]
+
+
+def test_batched_read_equals_tfds_own_read(fashion_data_dir, tmp_path):
+  """A split parsed a batch at a time gives TFDS's own per-example read,
+  value for value and in order: raw uint8 Tensor features (the Debian
+  Fashion-MNIST) and PNG-encoded Image features (TFDS's DummyMnist), whole
+  splits and slices. Two files (``train+test``) are left to TFDS."""
+  fashion = tfds_access.open_builder(tfds_access.spec_for("fashion_mnist", ""),
+                                     fashion_data_dir)
+  dummy = tfds.testing.DummyMnist(data_dir=str(tmp_path))
+  dummy.download_and_prepare()
+  keys = ("image", "label")
+  for builder, split in [(fashion, "train[:3000]"), (fashion, "test[9000:]"),
+                         (dummy, "train"), (dummy, "test[3:17]")]:
+    batches = tfds_access.batched_examples(builder, split, keys, batch_size=512)
+    got = list(batches.as_numpy_iterator())
+    expected = next(builder.as_dataset(split=split, shuffle_files=False)
+                    .batch(10**6).as_numpy_iterator())
+    for key in keys:
+      value = np.concatenate([b[key] for b in got])
+      assert value.dtype == expected[key].dtype, (split, key)
+      np.testing.assert_array_equal(value, expected[key], err_msg=f"{split} {key}")
+  assert tfds_access.batched_examples(dummy, "train+test", keys) is None

@@ -39,8 +39,8 @@ from discrim_jax.data import batching
 from discrim_jax.data import folder as folder_lib
 from discrim_jax.data.tfds_access import (
     DEFAULT_CALTECH_SIZE, DEFAULT_IMAGE_SIZE, SPECS, SPLITS, DatasetInfo,
-    check_labels, feature_keys, holdout_count, holdout_mask, open_builder,
-    per_class_subset, prepare, spec_for, split_plan, tf_modules)
+    batched_examples, check_labels, feature_keys, holdout_count, holdout_mask,
+    open_builder, per_class_subset, prepare, spec_for, split_plan, tf_modules)
 
 
 # (builder folder, split, image shape, resize, keys) -> decoded arrays.
@@ -158,11 +158,16 @@ class Dataset:
     return _DECODED[key]
 
   def _decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    ds = self._builder.as_dataset(split=split, shuffle_files=False)
     tf, _ = tf_modules()
     size = self.image_shape[:2]
     resize = self._spec.resize
     image_key, label_key = self._image_key, self._label_key
+    batches = None if resize else batched_examples(
+        self._builder, split, (image_key, label_key))
+    if batches is not None:
+      return self._collect(split, batches.map(
+          lambda e: (e[image_key], tf.cast(e[label_key], tf.int32))))
+    ds = self._builder.as_dataset(split=split, shuffle_files=False)
 
     def convert(example):
       image = example[image_key]
@@ -179,7 +184,11 @@ class Dataset:
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
       return image, tf.cast(example[label_key], tf.int32)
 
-    ds = ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    return self._collect(split, ds.map(
+        convert, num_parallel_calls=tf.data.AUTOTUNE).batch(4096))
+
+  def _collect(self, split: str, ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A split's ``(images, labels)`` batches as two read-only arrays."""
     images, labels = [], []
     for x, y in ds.as_numpy_iterator():
       images.append(x)
@@ -201,11 +210,13 @@ class Dataset:
         labels = self._read(source)[1]
       else:
         tf, tfds = tf_modules()
-        ds = self._builder.as_dataset(
-            split=source, shuffle_files=False,
-            decoders={self._image_key: tfds.decode.SkipDecoding()})
         label_key = self._label_key
-        ds = ds.map(lambda e: tf.cast(e[label_key], tf.int32)).batch(65536)
+        ds = batched_examples(self._builder, source, (label_key,), 65536)
+        if ds is None:
+          ds = self._builder.as_dataset(
+              split=source, shuffle_files=False,
+              decoders={self._image_key: tfds.decode.SkipDecoding()}).batch(65536)
+        ds = ds.map(lambda e: tf.cast(e[label_key], tf.int32))
         parts = list(ds.as_numpy_iterator())
         if not parts:
           raise ValueError(f"{self.name}: split {source!r} is empty")

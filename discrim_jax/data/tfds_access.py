@@ -158,8 +158,7 @@ def prepare(builder: Any, name: str, *, download: bool,
     return
   # Builders of local files (Debian's Fashion-MNIST) and tfds.testing's
   # mock_data (whose download_and_prepare is a no-op) need no network.
-  local = (getattr(builder, "READS_LOCAL_FILES", False)
-           or builder.download_and_prepare.__name__ == "mock_download_and_prepare")
+  local = getattr(builder, "READS_LOCAL_FILES", False) or mocked(builder)
   searched = str(builder.data_dir)
   way_out = (f"prepare it where there is network (`tfds build {name} "
              "--data_dir=DIR`), copy DIR here and pass --config.data_dir=DIR")
@@ -181,6 +180,53 @@ def prepare(builder: Any, name: str, *, download: bool,
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise ValueError(f"data set {name!r} could not be prepared in {searched} "
                      f"({type(e).__name__}: {first}): {way_out}") from None
+
+
+def mocked(builder: Any) -> bool:
+  """Whether ``tfds.testing.mock_data`` stands in for the builder's files."""
+  return builder.download_and_prepare.__name__ == "mock_download_and_prepare"
+
+
+def batched_examples(builder: Any, split: str, keys: tuple[str, ...],
+                     batch_size: int = 4096) -> Any:
+  """The features ``keys`` of a prepared TFDS split as a ``tf.data.Dataset``
+  of batches (dicts of decoded tensors) in the order ``builder.as_dataset(
+  split, shuffle_files=False)`` gives them; None where this cannot read the
+  split (the caller reads it through TFDS).
+
+  TFDS parses one example at a time; a whole batch of serialized examples
+  parses in one ``tf.io.parse_example``. On Fashion-MNIST's 60,000 training
+  images that is 0.2 s against 2.4 s (and the start of every run reads them).
+  Read this way: one TFRecord file, or a slice of one (several are
+  interleaved by TFDS, an order this does not reproduce), whose features
+  have a fixed shape once serialized; decoding is each feature's own batch
+  decoder.
+  """
+  tf, tfds = tf_modules()
+  from tensorflow_datasets.core import example_parser  # pylint: disable=g-import-not-at-top
+  if mocked(builder) or builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    return None
+  try:
+    instructions = builder.info.splits[split].file_instructions
+  except (KeyError, ValueError):
+    return None
+  if len(instructions) != 1 or not os.path.exists(instructions[0].filename):
+    return None
+  features = builder.info.features
+  serialized = {k: features[k].get_serialized_info() for k in keys}
+  if not all(isinstance(info, tfds.features.TensorInfo) and None not in info.shape
+             and not info.sequence_rank for info in serialized.values()):
+    return None
+  specs = example_parser.ExampleParser(serialized).flat_feature_specs
+
+  def parse(records):
+    parsed = tf.io.parse_example(records, specs)
+    return {k: features[k].decode_batch_example(
+        tf.cast(parsed[k], serialized[k].tf_dtype)) for k in keys}
+
+  (file,) = instructions
+  records = tf.data.TFRecordDataset(file.filename).skip(file.skip).take(file.take)
+  return records.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
