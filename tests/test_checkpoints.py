@@ -46,9 +46,8 @@ def test_workdir_resumes_when_only_non_identity_fields_change(tmp_path, smoke_co
 
 
 def test_unreadable_latest_checkpoint_is_moved_aside_and_an_older_one_used(
-    corrupt_checkpoint, fashion, tmp_path, smoke_config, read_metrics):
-  config = smoke_config()
-  train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=fashion)
+    corrupt_checkpoint, fashion, whole, tmp_path, smoke_config, read_metrics):
+  config = smoke_config()  # the config of `whole`, the uninterrupted run
 
   def die_at(step):
     if step == 9:
@@ -63,7 +62,7 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_an_older_one_used(
   train.train_and_evaluate(config, str(work), dataset=fashion)
   aside = list((work / "unreadable_checkpoints").iterdir())
   assert [p.name.split(".")[0] for p in aside] == ["7"]
-  assert read_metrics(work) == read_metrics(tmp_path / "whole")
+  assert read_metrics(work) == whole
 
 
 @pytest.mark.parametrize("kind", ["manifest", "_METADATA", "data"])
