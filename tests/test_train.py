@@ -236,11 +236,17 @@ def test_vmapped_seeds_equal_sequential_seeds_float64(tmp_path, smoke_config,
 
 def test_vmapped_seeds_equal_sequential_seeds_float32(fashion, tmp_path,
                                                       smoke_config, read_metrics):
+  """Also: seeds trained together each write their own workdir's outputs."""
   runs = _seeds_together_and_alone(smoke_config(num_epochs=1, log_every_steps=1),
                                    fashion, tmp_path, read_metrics)
   for seed, (together, alone) in runs.items():
     _metrics_close(_first_step(together), _first_step(alone),
                    FLOAT32_FIRST_STEP_RTOL, f"seed {seed}, float32 step 1")
+    workdir = tmp_path / f"v{seed}"
+    saved = json.loads((workdir / "summary.json").read_text())
+    assert saved["seed"] == seed and saved["trained_with_seeds"] == [0, 1]
+    assert json.loads((workdir / "config.json").read_text())["seed"] == seed
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["5"]
 
 
 def test_a_run_trains_with_the_plain_step(fashion, tmp_path, smoke_config,
@@ -267,20 +273,6 @@ def test_a_run_trains_with_the_plain_step(fashion, tmp_path, smoke_config,
   monkeypatch.setattr(seed_groups, "VmappedSeeds", no_vmap)
   train.train_and_evaluate(smoke_config(num_epochs=1), str(tmp_path), dataset=fashion)
   assert calls == {"train_step": 5}
-
-
-def test_vmapped_seeds_write_each_seeds_outputs(fashion, tmp_path, smoke_config,
-                                                read_metrics):
-  summaries = train.train_and_evaluate_seeds(
-      smoke_config(num_epochs=1), {0: str(tmp_path / "s0"), 3: str(tmp_path / "s3")},
-      dataset=fashion)
-  assert sorted(summaries) == [0, 3]
-  for seed in (0, 3):
-    saved = json.loads((tmp_path / f"s{seed}" / "summary.json").read_text())
-    assert saved["seed"] == seed and saved["trained_with_seeds"] == [0, 3]
-    assert json.loads((tmp_path / f"s{seed}" / "config.json").read_text())["seed"] == seed
-    assert [p.name for p in (tmp_path / f"s{seed}" / "checkpoints").iterdir()] == ["5"]
-  assert read_metrics(tmp_path / "s0")[0]["ce"] != read_metrics(tmp_path / "s3")[0]["ce"]
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(fashion, tmp_path,
