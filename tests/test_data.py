@@ -1,6 +1,8 @@
 """Input pipeline tests: CIFAR-100 / Caltech-101 under TFDS mock data, real Fashion-MNIST."""
 
 import itertools
+import threading
+import time
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -251,3 +253,40 @@ def test_batched_read_equals_tfds_own_read(fashion_data_dir, tmp_path):
       assert value.dtype == expected[key].dtype, (split, key)
       np.testing.assert_array_equal(value, expected[key], err_msg=f"{split} {key}")
   assert tfds_access.batched_examples(dummy, "train+test", keys) is None
+
+
+def test_runs_preparing_one_folder_at_once_prepare_it_once(tmp_path):
+  """Two runs that find a data set unprepared at the same moment (a
+  sharded verdict's shards on a fresh machine): one prepares it, the other
+  waits and reads what it wrote. Without the lock both prepare and the
+  second's rename onto the first's folder fails; each preparation here
+  first sleeps 0.5 s so that both threads are past the first check."""
+  calls, errors = [], []
+
+  def builder():
+    b = tfds.testing.DummyMnist(data_dir=str(tmp_path))
+    b.READS_LOCAL_FILES = True  # prepare needs no network for it
+    real = b.download_and_prepare
+
+    def slow(**kwargs):
+      calls.append(1)
+      time.sleep(0.5)
+      real(**kwargs)
+    b.download_and_prepare = slow
+    return b
+
+  def prepare(b):
+    try:
+      tfds_access.prepare(b, "dummy_mnist", download=False)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  builders = [builder(), builder()]
+  threads = [threading.Thread(target=prepare, args=(b,)) for b in builders]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and len(calls) == 1, (errors, calls)
+  for b in builders:  # the one that waited knows the splits the other wrote
+    assert b.info.splits["train"].num_examples == 20

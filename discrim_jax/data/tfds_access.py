@@ -9,10 +9,14 @@ other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import os
 import socket
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -156,6 +160,27 @@ def prepare(builder: Any, name: str, *, download: bool,
   prepared nor downloadable."""
   if builder.is_prepared():
     return
+  with _one_preparer(builder):
+    if builder.is_prepared():  # another process prepared it while we waited
+      builder.info.read_from_directory(builder.data_dir)
+      return
+    _prepare(builder, name, download=download, file_format=file_format)
+
+
+@contextlib.contextmanager
+def _one_preparer(builder: Any):
+  """Holds a lock per prepared folder on this host: two runs starting
+  together (a sharded study, two seeds) would otherwise both prepare it,
+  and the second's rename onto the first's folder fails."""
+  key = hashlib.sha256(str(builder.data_dir).encode()).hexdigest()[:16]
+  path = os.path.join(tempfile.gettempdir(), f"discrim_jax_prepare_{key}.lock")
+  with open(path, "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    yield
+
+
+def _prepare(builder: Any, name: str, *, download: bool,
+             file_format: str | None) -> None:
   # Builders of local files (Debian's Fashion-MNIST) and tfds.testing's
   # mock_data (whose download_and_prepare is a no-op) need no network.
   local = getattr(builder, "READS_LOCAL_FILES", False) or mocked(builder)
