@@ -24,7 +24,10 @@ Runs live in ``WORKDIR/REGIME/tune/cK/OBJECTIVE/seedS``,
 ``WORKDIR/REGIME/confirm/OBJECTIVE/seedS`` and (the capacity analysis)
 ``WORKDIR/REGIME/capacity/width_W/OBJECTIVE/seedS``; finished runs are never redone, so
 the whole protocol resumes by rerunning its command. ``verdict.json`` keeps
-every run's seed and accuracies, so each figure recomputes from it; its
+every run's seed and accuracies, so each figure recomputes from it, and a
+ledger of every finished run (``"runs"``): passed back as ``recorded``
+(:func:`load_recorded`), an earlier ``verdict.json`` stands for its runs'
+folders, so a lost or wiped workdir resumes from the committed file. Its
 table and figures are ``discrim_jax.verdict_report``'s.
 """
 
@@ -128,6 +131,11 @@ class Run:
       where = where / f"width_{self.width:g}"
     return workdir_lib.run_dir(where, self.objective, self.seed)
 
+  @property
+  def key(self) -> str:
+    """The run's folder under the workdir: its name in the ledger."""
+    return self.folder(epath.Path()).as_posix()
+
 
 def tuning_runs(regimes, objectives) -> list[Run]:
   return [Run(r.name, "tune", o, k, s) for r in regimes for o in objectives
@@ -151,16 +159,62 @@ def run_config(regime_config_, run: Run, setting: dict[str, float]):
   return config_lib.with_fields(regime_config_, **setting, **width)
 
 
-def _validation(out, run: Run) -> float | None:
+def _record(out, run: Run, recorded: dict[str, Any]) -> dict[str, Any] | None:
+  """A finished run's values (its folder's, else ``recorded``'s), or None."""
   folder = run.folder(out)
   if not workdir_lib.finished(folder):
-    return None
-  return workdir_lib.read_summary(folder)["best_validation_accuracy"]
+    return recorded.get(run.key)
+  s = workdir_lib.read_summary(folder)
+  record = {"test_accuracy": s["test_accuracy"],
+            "best_validation_accuracy": s["best_validation_accuracy"],
+            "wall_time_s": s.get("wall_time_s")}
+  if run.phase != "tune":  # the compared runs' curves (convergence)
+    record["validation_curve"] = [
+        [r["step"], r["accuracy"]] for r in workdir_lib.read_records(
+            folder / "metrics.jsonl") if r["split"] == "validation"]
+  return record
 
 
-def _tuning_values(out, regime: Regime, objective: str) -> list[list]:
+def load_recorded(path) -> dict[str, dict[str, Any]]:
+  """The finished runs an earlier ``verdict.json`` records, by
+  :attr:`Run.key`: its ledger, or (files written before the ledger) what
+  its tables keep: each tuning run's best validation accuracy, each
+  confirmation and capacity run's accuracies and curve."""
+  results = workdir_lib.read_json(epath.Path(path))
+  if "runs" in results:
+    return results["runs"]
+  out = {}
+  for name, row in results["regimes"].items():
+    for objective, entry in row["objectives"].items():
+      for k, candidate in enumerate(entry["candidates"]):
+        for seed, v in zip(results["protocol"]["tuning_seeds"],
+                           candidate["validation_accuracy"]):
+          if v is not None:
+            out[Run(name, "tune", objective, k, seed).key] = {
+                "best_validation_accuracy": v}
+      for r in entry["confirm"] or []:
+        out[Run(name, "confirm", objective, None, r["seed"]).key] = r
+    widths = results["protocol"].get("capacity", {}).get("widths", [])
+    for w, cell in row.get("capacity", {}).items():
+      if float(w) not in widths:
+        continue  # the base width: its runs are confirmation runs
+      for objective, runs in cell["runs"].items():
+        for r in runs or []:
+          out[Run(name, "capacity", objective, None, r["seed"],
+                  float(w)).key] = r
+  return {k: {f: v for f, v in r.items() if f != "seed"} for k, r in out.items()}
+
+
+def _validation(out, run: Run, recorded) -> float | None:
+  r = _record(out, run, recorded)
+  return None if r is None else r["best_validation_accuracy"]
+
+
+def _tuning_values(out, regime: Regime, objective: str,
+                   recorded=None) -> list[list]:
   """Each candidate's best validation accuracies (None: not finished)."""
-  return [[_validation(out, Run(regime.name, "tune", objective, k, s))
+  return [[_validation(out, Run(regime.name, "tune", objective, k, s),
+                       recorded or {})
            for s in TUNING_SEEDS] for k in range(NUM_CANDIDATES)]
 
 
@@ -170,9 +224,9 @@ def _choice(values: list[list]) -> int | None:
   return int(np.argmax([float(np.mean(v)) for v in values]))  # first of ties
 
 
-def choose(out, regime: Regime, objective: str) -> int | None:
+def choose(out, regime: Regime, objective: str, recorded=None) -> int | None:
   """The chosen candidate (validation only), or None until tuning is done."""
-  return _choice(_tuning_values(out, regime, objective))
+  return _choice(_tuning_values(out, regime, objective, recorded))
 
 
 def _train(out, config, run: Run) -> None:
@@ -183,7 +237,8 @@ def _train(out, config, run: Run) -> None:
 def run_verdict(base, workdir: str, regimes: list[Regime],
                 objectives=config_lib.COMPARED_OBJECTIVES,
                 shard: tuple[int, int] | None = None, *,
-                train: bool = True, widths: tuple[float, ...] = ()
+                train: bool = True, widths: tuple[float, ...] = (),
+                recorded: dict[str, Any] | None = None
                 ) -> dict[str, Any] | None:
   """Trains what is missing (tuning first, then each objective's chosen
   setting on the fresh seeds), then writes ``verdict.json``,
@@ -194,7 +249,9 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   results: others return None. ``train=False`` trains nothing and writes
   what is finished so far (``complete`` false until every run is).
   ``widths``: the capacity analysis's width multipliers, trained after a
-  regime's confirmation (CE and CE+Gini+KL, :data:`CAPACITY_SEEDS`)."""
+  regime's confirmation (CE and CE+Gini+KL, :data:`CAPACITY_SEEDS`).
+  ``recorded`` (:func:`load_recorded`): runs finished elsewhere, which
+  are neither trained again nor need their folders."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   if "ce" not in objectives:
     raise ConfigError("the verdict compares with CE: --objectives must "
@@ -203,6 +260,7 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
     raise ConfigError(f"--capacity compares {' and '.join(CAPACITY_OBJECTIVES)}: "
                       f"--objectives must include both, got {list(objectives)}")
   out = epath.Path(workdir)
+  recorded = recorded or {}
   num_classes = runtime.load_dataset_of(base).num_classes
   configs = {r.name: regime_config(base, r, num_classes) for r in regimes}
   by_name = {r.name: r for r in regimes}
@@ -212,11 +270,11 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
             + confirm_runs([regime], objectives)
             + capacity_runs([regime], widths))
     for run in study.shard_of(runs, shard):
-      if workdir_lib.finished(run.folder(out)):
+      if _record(out, run, recorded) is not None:
         continue
       k, phase = run.candidate, run.phase
       if phase != "tune":
-        k = choose(out, by_name[run.regime], run.objective)
+        k = choose(out, by_name[run.regime], run.objective, recorded)
         if k is None:
           logging.info("%s: tuning of %s not finished; its confirmation waits",
                        run.regime, run.objective)
@@ -226,7 +284,7 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
                    run.objective, k, run.seed,
                    "" if run.width is None else f" width {run.width:g}", setting)
       _train(out, run_config(configs[run.regime], run, setting), run)
-  results = summarize(out, base, regimes, objectives, widths)
+  results = summarize(out, base, regimes, objectives, widths, recorded)
   if shard is not None and train and not results["complete"]:
     return None  # the shard that finishes the last run writes the results
   workdir_lib.write_atomically(
@@ -237,19 +295,17 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
 
 
 def _confirmed(out, regime: Regime, objective: str, seeds=None,
-               width: float | None = None) -> list[dict[str, Any]] | None:
+               width: float | None = None, recorded=None
+               ) -> list[dict[str, Any]] | None:
   runs = []
   phase = "confirm" if width is None else "capacity"
   for seed in FRESH_SEEDS if seeds is None else seeds:
-    folder = Run(regime.name, phase, objective, None, seed, width).folder(out)
-    if not workdir_lib.finished(folder):
+    r = _record(out, Run(regime.name, phase, objective, None, seed, width),
+                recorded or {})
+    if r is None:
       return None
-    s = workdir_lib.read_summary(folder)
-    curve = [[r["step"], r["accuracy"]] for r in workdir_lib.read_records(
-        folder / "metrics.jsonl") if r["split"] == "validation"]
-    runs.append({"seed": seed, "test_accuracy": s["test_accuracy"],
-                 "best_validation_accuracy": s["best_validation_accuracy"],
-                 "validation_curve": curve})
+    runs.append({"seed": seed, **{f: r[f] for f in (
+        "test_accuracy", "best_validation_accuracy", "validation_curve")}})
   return runs
 
 
@@ -272,7 +328,8 @@ def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
           "plateaued": gain < PLATEAU_POINTS, "rule_points": PLATEAU_POINTS}
 
 
-def _capacity(out, base, regime: Regime, row, widths) -> dict[str, Any]:
+def _capacity(out, base, regime: Regime, row, widths, recorded
+              ) -> dict[str, Any]:
   """Per width (the base width from the confirmation runs): CE's and the
   loss's runs on :data:`CAPACITY_SEEDS` and their paired comparison, with
   Holm over the widths once all are in."""
@@ -285,7 +342,7 @@ def _capacity(out, base, regime: Regime, row, widths) -> dict[str, Any]:
         confirmed = row["objectives"][o]["confirm"]
         runs[o] = confirmed and [r for r in confirmed if r["seed"] in CAPACITY_SEEDS]
       else:
-        runs[o] = _confirmed(out, regime, o, CAPACITY_SEEDS, w)
+        runs[o] = _confirmed(out, regime, o, CAPACITY_SEEDS, w, recorded)
     entry = table[f"{w:g}"] = {"runs": runs}
     if all(runs.values()):
       ce, loss = (runs[o] for o in CAPACITY_OBJECTIVES)
@@ -298,21 +355,24 @@ def _capacity(out, base, regime: Regime, row, widths) -> dict[str, Any]:
   return table
 
 
-def summarize(out, base, regimes, objectives, widths=()) -> dict[str, Any]:
+def summarize(out, base, regimes, objectives, widths=(), recorded=None
+              ) -> dict[str, Any]:
   """Per regime and objective: every candidate's validation accuracies, the
   choice, the confirmation runs, and the paired comparison with CE; with
-  ``widths``, the capacity analysis."""
+  ``widths``, the capacity analysis; ``"runs"``, the ledger of every
+  finished run (:func:`load_recorded`)."""
+  recorded = recorded or {}
   rows: dict[str, Any] = {}
   for regime in regimes:
     row = rows[regime.name] = {"regime": dataclasses.asdict(regime),
                                "objectives": {}}
     for objective in objectives:
-      values = _tuning_values(out, regime, objective)
+      values = _tuning_values(out, regime, objective, recorded)
       entry = {"candidates": [
           {"setting": setting, "validation_accuracy": v}
           for setting, v in zip(candidates(objective, base), values)],
                "chosen": _choice(values)}
-      entry["confirm"] = (_confirmed(out, regime, objective)
+      entry["confirm"] = (_confirmed(out, regime, objective, recorded=recorded)
                           if entry["chosen"] is not None else None)
       row["objectives"][objective] = entry
     ce = row["objectives"]["ce"]["confirm"]
@@ -343,7 +403,7 @@ def summarize(out, base, regimes, objectives, widths=()) -> dict[str, Any]:
          for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
   for regime in regimes if widths else []:
     rows[regime.name]["capacity"] = _capacity(out, base, regime,
-                                              rows[regime.name], widths)
+                                              rows[regime.name], widths, recorded)
   complete = primary and all("test_accuracy" in e for row in rows.values()
                              for e in row.get("capacity", {}).values())
   return {"complete": complete,
@@ -357,4 +417,14 @@ def summarize(out, base, regimes, objectives, widths=()) -> dict[str, Any]:
                        **({"capacity": {"widths": list(widths),
                                         "seeds": list(CAPACITY_SEEDS)}}
                           if widths else {})},
-          "regimes": rows}
+          "regimes": rows,
+          "runs": _ledger(out, regimes, objectives, widths, recorded)}
+
+
+def _ledger(out, regimes, objectives, widths, recorded) -> dict[str, Any]:
+  """Every finished run's values by :attr:`Run.key`, including those whose
+  regime or objective is not complete yet."""
+  runs = (tuning_runs(regimes, objectives) + confirm_runs(regimes, objectives)
+          + capacity_runs(regimes, widths))
+  found = {run.key: _record(out, run, recorded) for run in runs}
+  return {k: v for k, v in found.items() if v is not None}

@@ -11,6 +11,8 @@ rerun the command to resume. --shard=I/N divides the runs between processes
 (a SLURM job array); a shard whose confirmation waits on another's tuning
 stops, and its rerun goes on; the shard that finishes the last run writes the
 results. --report writes what is finished so far without training.
+--recorded=PATH counts the runs an earlier verdict.json records as finished
+(its "runs" ledger), so a wiped workdir resumes from the committed results.
 """
 
 import os
@@ -39,6 +41,9 @@ _CAPACITY = flags.DEFINE_list(
     "capacity", [], "Width multipliers of the capacity analysis (e.g. "
     "0.25,0.5: 128 and 256 features for the configs' ResNet-18 at 1/8), "
     "trained after each regime's confirmation.")
+_RECORDED = flags.DEFINE_string(
+    "recorded", None, "An earlier verdict.json (e.g. the committed one): the "
+    "runs it records count as finished, so a lost workdir resumes from it.")
 _REPORT = flags.DEFINE_bool(
     "report", False, "Train nothing: write the results of the finished runs "
     "(marked incomplete while runs are missing).")
@@ -80,15 +85,16 @@ def main(argv):
     return out
 
   def run():
+    recorded = _RECORDED.value and verdict.load_recorded(_RECORDED.value)
     if shard is None:
       with cli.in_workdir(_WORKDIR.value):
         return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
                                    objectives, train=not _REPORT.value,
-                                   widths=widths())
+                                   widths=widths(), recorded=recorded)
     cli.route_logs(f"{_WORKDIR.value}/shard_{shard[0]}_of_{shard[1]}")
     return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
                                objectives, shard, train=not _REPORT.value,
-                               widths=widths())
+                               widths=widths(), recorded=recorded)
 
   results = run_with_one_line_errors(run)
   if results is None:

@@ -2,7 +2,9 @@
 # The verdict in the background on a small machine: one shard per core
 # (two single-core processes train ~25% more images/s than one on two cores,
 # measured on a 2-core AMD EPYC), each appending to WORKDIR.shardI.out.
-# Rerun the same command to resume: finished runs are kept.
+# Rerun the same command to resume: finished runs are kept. If the workdir
+# was lost, add --recorded=experiments/results/.../verdict.json: the runs the
+# committed file records are not trained again.
 #
 #   experiments/verdict_shards.sh fashion_mnist workdirs/verdict_fashion --per_class=20,500
 #   experiments/verdict_shards.sh fonts workdirs/verdict_fonts --per_class=20,200 --batch=200

@@ -106,6 +106,18 @@ def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_pat
   verdict.run_verdict(base, str(tmp_path), [regime], objectives)
   assert {p: p.stat().st_mtime for p in tmp_path.glob("**/summary.json")} == finished
   assert workdir_lib.finished(run.folder(tmp_path))
+  # The ledger stands for a lost workdir: from it alone (and from a file
+  # written before the ledger, from its tables) nothing is trained again
+  # and the results are the same.
+  assert len(kept["runs"]) == len(finished)
+  before_ledger = tmp_path / "old.json"
+  before_ledger.write_text(json.dumps({k: v for k, v in kept.items() if k != "runs"}))
+  for source in (tmp_path / "verdict.json", before_ledger):
+    empty = tmp_path / f"lost_{source.stem}"
+    again = verdict.run_verdict(base, str(empty), [regime], objectives,
+                                recorded=verdict.load_recorded(source))
+    assert not list(empty.glob("**/summary.json"))
+    assert again["regimes"] == kept["regimes"], source
 
 
 def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
