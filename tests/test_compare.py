@@ -54,7 +54,9 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypa
   half = T_975_1 * np.std(knn, ddof=1) / math.sqrt(2)
   assert stats["diff_to_ce_ci95"] == pytest.approx(
       [np.mean(knn) - half, np.mean(knn) + half], abs=FLOAT64_BOUND)
-  assert stats["diff_to_ce_ci95"][1] > stats["diff_to_ce_ci95"][0]  # differ
+  # Not asserted: that the two seeds' kNN differences differ (a zero-width
+  # interval). That is the data's business: on an Intel Xeon both were
+  # -0.02. test_stats checks the interval on values that differ.
   assert set(rows["ce"]["metrics"]) >= {
       "test_accuracy", "knn/pre_logits", "probe/pre_logits", "nc1/pre_logits",
       "gini/stage4"}
