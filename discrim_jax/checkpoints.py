@@ -22,9 +22,29 @@ from orbax.checkpoint import checkpoint_managers
 from discrim_jax import workdir as workdir_lib
 
 
+def _save_replicas_whole_on_cpu() -> None:
+  """On CPU, saves each replicated array from one replica, not a slice from
+  each. Orbax's replica-parallel saving (its default off GPU) cuts every
+  replicated array into one slice per device with a jitted slice, compiled
+  once per shape: on CPU devices, which share one host's memory, that buys
+  nothing and cost 11 s per save of a ResNet-17 on 8 CPU devices (a 2-core
+  Xeon). The files are the same either way. The handler keeps the default
+  one's array-metadata store (a private attribute; None if it moves)."""
+  if jax.default_backend() != "cpu":
+    return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(default, "_use_replica_parallel", True):
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False,
+            array_metadata_store=getattr(default, "_array_metadata_store", None)),
+        override=True)
+
+
 def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
   """Keeps the latest ``keep`` checkpoints (``config.keep_checkpoints``) and
   the best by validation accuracy."""
+  _save_replicas_whole_on_cpu()
   best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
   options = ocp.CheckpointManagerOptions(
       best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
