@@ -10,9 +10,10 @@ batches: random-resized crop (area 8-100%, aspect 3/4-4/3), flip, scale to
 [0, 1].
 
 * **stream**: the app's streaming path (``config.data_in_memory=False``):
-  grain over ArrayRecord, records read raw, each batch parsed, cropped
-  (only each crop's window decoded), resized and flipped in one TensorFlow
-  graph (``streaming.jpeg_batch_decoder``).
+  grain over ArrayRecord reading each batch's records raw (in the order
+  of the in-memory path, resumable at any step), then a tf.data stage
+  parsing, cropping (only each crop's window decoded), resizing and
+  flipping them on the cores' threads (``streaming.jpeg_batches``).
 * **tf.data**: what big_vision does, over TFRecord: ``decode_and_crop_jpeg``
   of a ``sample_distorted_bounding_box`` window, resize, flip; parallel map
   with AUTOTUNE, batch, prefetch.

@@ -360,18 +360,20 @@ def test_jpeg_records_stream_the_same_batches_from_any_step(jpeg_records):
 
 
 def test_jpeg_batch_crop_is_the_documented_recipe(jpeg_records):
-  """The batch decoder's crop of a record is TensorFlow's Inception crop of
-  the whole decoded image (window and flip drawn statelessly from the key),
+  """The streamed crop of a record is TensorFlow's Inception crop of the
+  whole decoded image (window and flip drawn statelessly from the key),
   resized bilinearly, with the record's label."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   ds, shape = jpeg_records, (96, 96, 3)
   positions = [0, 5, 17, 40, 63, 64]
   keys = np.array([[7, p] for p in positions], np.int64)
   records = ds.serialized("train", positions)
-  fast, labels = streaming.jpeg_batch_decoder(ds, shape)(records, keys)
+  streamed = streaming.jpeg_crop(shape)
+  jpegs, labels = ds.parse_batch(tf.constant(records))
   for j, p in enumerate(positions):
     assert labels[j] == ds.record("train", p)[1]
-    encoded, _ = ds.parse(records[j])
+    encoded = jpegs[j]
+    fast = streamed(encoded, tf.constant(keys[j])).numpy()
     whole = tf.io.decode_jpeg(encoded, channels=3).numpy()
     box_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(keys[j]))
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -390,4 +392,4 @@ def test_jpeg_batch_crop_is_the_documented_recipe(jpeg_records):
     window = tf.io.decode_and_crop_jpeg(encoded, [top, left, h, w], channels=3)
     gap = np.abs(window.numpy().astype(int)
                  - whole[top:top + h, left:left + w]).max()
-    np.testing.assert_allclose(fast[j], expected, rtol=0, atol=gap / 255 + 1e-6)
+    np.testing.assert_allclose(fast, expected, rtol=0, atol=gap / 255 + 1e-6)

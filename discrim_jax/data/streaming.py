@@ -22,9 +22,9 @@ recipe (4-pixel pad-and-crop and flip, drawn per global batch from
 ``(seed, step)`` with TensorFlow's stateless ops); larger ones the
 ImageNet recipe, random-resized crop (scale 0.08-1, ratio 3/4-4/3) and flip,
 drawn per example from ``(seed, place in the global stream)``, so that
-every host draws its own rows' crops; JPEG records get
-it from TensorFlow a batch at a time, decoding only each crop's window
-(:func:`jpeg_batch_decoder`). Evaluation resizes the shorter side and
+every host draws its own rows' crops; JPEG records get it from a tf.data
+stage after grain's read, decoding only each crop's window
+(:func:`jpeg_batches`). Evaluation resizes the shorter side and
 centre-crops.
 
 TFDS prepares a data set in one file format per folder: a data set already
@@ -103,9 +103,10 @@ class StreamingDataset:
           f"`tfds build {name} --file_format=array_record --data_dir=DIR` "
           "and pass --config.data_dir=DIR (or leave config.data_in_memory=True)")
     # JPEG records stay encoded until used: training decodes only each
-    # crop's window (jpeg_batch_decoder).
+    # crop's window (jpeg_batches).
     feature = self._builder.info.features[self._image_key]
     self._jpeg = getattr(feature, "encoding_format", None) == "jpeg"
+    self._parse_batch = None  # parse_batch's parser, made on first use
     decoders = ({self._image_key: access.tf_modules()[1].decode.SkipDecoding()}
                 if self._jpeg else None)
     plan = access.split_plan(list(self._builder.info.splits), self._spec,
@@ -162,7 +163,7 @@ class StreamingDataset:
   @property
   def jpeg(self) -> bool:
     """Whether the records are JPEG-encoded: training crops then come from
-    :func:`jpeg_batch_decoder`, which decodes only each crop's window."""
+    :func:`jpeg_crop`, which decodes only each crop's window."""
     return self._jpeg
 
   def serialized(self, split: str, positions) -> list[bytes]:
@@ -172,12 +173,18 @@ class StreamingDataset:
     source = self._source[split].data_source
     return [source[i] for i in self._index[split][np.asarray(positions)].tolist()]
 
-  def parse(self, serialized):
-    """In a TensorFlow graph: one serialized record -> (encoded JPEG, label)."""
-    tfds = access.tf_modules()[1]
-    example = self._builder.info.features.deserialize_example(
-        serialized, decoders={self._image_key: tfds.decode.SkipDecoding()})
-    return example[self._image_key], example[self._label_key]
+  def parse_batch(self, serialized):
+    """In a TensorFlow graph: serialized records -> (encoded images, labels),
+    the batch in one op."""
+    if self._parse_batch is None:
+      self._parse_batch = access.serialized_batch_parser(
+          self._builder, (self._image_key, self._label_key))
+      if self._parse_batch is None:
+        raise ValueError(f"{self.name}: the image or label feature has no fixed "
+                         "serialized shape; stream it with images of at most "
+                         f"{CIFAR_MAX_SIZE} px or in memory")
+    parsed = self._parse_batch(serialized)
+    return parsed[self._image_key], parsed[self._label_key]
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the first 10,000 training images (after
@@ -211,41 +218,62 @@ def crop_window(h: int, w: int, rng: np.random.Generator
   return (h - side) // 2, (w - side) // 2, side, side
 
 
-def jpeg_batch_decoder(dataset: StreamingDataset, shape):
-  """``decode(records, keys) -> (float32 (N, *shape) in [0, 1], int32 labels)``:
-  the ImageNet training crop of each JPEG record of ``dataset`` (as
-  :meth:`StreamingDataset.serialized` gives them), the batch in one
-  TensorFlow graph that runs the records in parallel (what big_vision's
-  Inception crop does per example in tf.data). Record i's crop window (area
-  8-100%, aspect 3/4-4/3, from the size in its header) and flip are drawn by
-  stateless ops from ``keys[i]`` (int64 pairs), so a key gives the same crop
-  in any batch and process; only the window is decoded
-  (``decode_and_crop_jpeg``), then resized bilinearly to ``shape``."""
+def jpeg_crop(shape):
+  """``crop(jpeg, key) -> float32 shape in [0, 1]``, in a TensorFlow graph:
+  the ImageNet training crop of one encoded JPEG, what big_vision's
+  Inception crop does. The window (area 8-100%, aspect 3/4-4/3, from the
+  size in the JPEG header) and the flip are drawn by stateless ops from
+  ``key`` (an int64 pair), so a key gives the same crop in any batch and
+  process; only the window is decoded (``decode_and_crop_jpeg``), then
+  resized bilinearly to ``shape``."""
   tf = access.tf_modules()[0]
   size, channels = tuple(shape[:2]), shape[-1]
 
-  def one(args):
-    record, key = args
-    data, label = dataset.parse(record)
+  def crop(data, key):
     box_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key))
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+    begin, window, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4], tf.float32),
         seed=box_key, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     image = tf.image.decode_and_crop_jpeg(
-        data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=channels)
+        data, tf.stack([begin[0], begin[1], window[0], window[1]]),
+        channels=channels)
     image = tf.image.resize(image, size, method="bilinear") / 255.0
-    return (tf.image.stateless_random_flip_left_right(image, flip_key),
-            tf.cast(label, tf.int32))
+    return tf.image.stateless_random_flip_left_right(image, flip_key)
+  return crop
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
-                                tf.TensorSpec([None, 2], tf.int64)])
-  def decode(records, keys):
-    return tf.map_fn(one, (records, keys), parallel_iterations=256,
-                     fn_output_signature=(tf.TensorSpec(shape, tf.float32),
-                                          tf.TensorSpec([], tf.int32)))
-  return decode
+
+def jpeg_batches(dataset: StreamingDataset, shape, read: Iterator[dict],
+                 batch: int, num_threads: int) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of ``read``'s records (``{"records", "keys", "mask"}``, ``batch``
+  of each) in a tf.data pipeline: each batch parsed in one op, then every
+  record cropped by :func:`jpeg_crop` on ``num_threads`` threads across
+  batch boundaries (no batch waits for its slowest record), in ``read``'s
+  order."""
+  tf = access.tf_modules()[0]
+  crop = jpeg_crop(shape)
+  parse = dataset.parse_batch
+  spec = {"records": tf.TensorSpec([batch], tf.string),
+          "keys": tf.TensorSpec([batch, 2], tf.int64),
+          "mask": tf.TensorSpec([batch], tf.float32)}
+
+  def parsed(example):
+    jpegs, labels = parse(example["records"])
+    return {"jpeg": jpegs, "label": tf.cast(labels, tf.int32),
+            "key": example["keys"], "mask": example["mask"]}
+
+  def cropped(example):
+    return {"image": crop(example["jpeg"], example["key"]),
+            "label": example["label"], "mask": example["mask"]}
+
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = num_threads
+  pipeline = (tf.data.Dataset.from_generator(lambda: read, output_signature=spec)
+              .map(parsed).unbatch()
+              .map(cropped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .batch(batch).prefetch(1).with_options(options))
+  return pipeline.as_numpy_iterator()
 
 
 def random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
@@ -317,28 +345,30 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
       image = _fit(image, shape)
     return {"image": image, "label": np.int32(label), "mask": np.float32(mask)}
 
-  if per_example_augment and getattr(dataset, "jpeg", False):
-    # JPEG training records: a batch read in one call and cropped in one
-    # TensorFlow graph, a few batches at once.
-    decode = jpeg_batch_decoder(dataset, shape)
-
-    def load_batch(step):
+  jpeg = per_example_augment and getattr(dataset, "jpeg", False)
+  if jpeg:
+    # JPEG training records: grain reads each batch's records raw; a
+    # tf.data pipeline crops them (jpeg_batches).
+    def read_batch(step):
       positions = np.arange(step * local, (step + 1) * local)
       located = [locate(p) for p in positions]
-      images, labels = decode(
-          dataset.serialized(split, [i for i, _ in located]),
-          np.stack([np.full(local, seed), slot(positions)], 1))
-      return {"image": images.numpy(), "label": labels.numpy(),
+      return {"records": np.array(dataset.serialized(
+                  split, [i for i, _ in located]), dtype=object),
+              "keys": np.stack([np.full(local, seed), slot(positions)], 1),
               "mask": np.array([m for _, m in located], np.float32)}
     ds = grain.MapDataset.range(first // local, (first + length) // local
-                                ).map(load_batch)
-    num_threads = max(1, prefetch)
+                                ).map(read_batch)
+    read_threads = max(1, prefetch)
   else:
     ds = (grain.MapDataset.range(first, first + length).map(load)
           .batch(local, drop_remainder=False))
+    read_threads = num_threads
   # Each thread makes a whole batch; the buffer is counted in batches.
   it = iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads))))
+      num_threads=read_threads,
+      prefetch_buffer_size=max(prefetch, read_threads))))
+  if jpeg:
+    it = jpeg_batches(dataset, shape, it, local, num_threads)
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()

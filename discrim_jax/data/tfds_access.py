@@ -228,7 +228,6 @@ def batched_examples(builder: Any, split: str, keys: tuple[str, ...],
   decoder.
   """
   tf, tfds = tf_modules()
-  from tensorflow_datasets.core import example_parser  # pylint: disable=g-import-not-at-top
   if mocked(builder) or builder.info.file_format != tfds.core.FileFormat.TFRECORD:
     return None
   try:
@@ -238,6 +237,25 @@ def batched_examples(builder: Any, split: str, keys: tuple[str, ...],
   if len(instructions) != 1 or not os.path.exists(instructions[0].filename):
     return None
   features = builder.info.features
+  raw = serialized_batch_parser(builder, keys)
+  if raw is None:
+    return None
+
+  def parse(records):
+    return {k: features[k].decode_batch_example(v) for k, v in raw(records).items()}
+
+  (file,) = instructions
+  records = tf.data.TFRecordDataset(file.filename).skip(file.skip).take(file.take)
+  return records.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def serialized_batch_parser(builder: Any, keys: tuple[str, ...]) -> Any:
+  """``parse(records) -> {key: batch}``: the features ``keys`` of a batch of
+  serialized examples in one ``tf.io.parse_example``, as stored (an image
+  still encoded); None unless each has a fixed shape once serialized."""
+  tf, tfds = tf_modules()
+  from tensorflow_datasets.core import example_parser  # pylint: disable=g-import-not-at-top
+  features = builder.info.features
   serialized = {k: features[k].get_serialized_info() for k in keys}
   if not all(isinstance(info, tfds.features.TensorInfo) and None not in info.shape
              and not info.sequence_rank for info in serialized.values()):
@@ -246,12 +264,8 @@ def batched_examples(builder: Any, split: str, keys: tuple[str, ...],
 
   def parse(records):
     parsed = tf.io.parse_example(records, specs)
-    return {k: features[k].decode_batch_example(
-        tf.cast(parsed[k], serialized[k].tf_dtype)) for k in keys}
-
-  (file,) = instructions
-  records = tf.data.TFRecordDataset(file.filename).skip(file.skip).take(file.take)
-  return records.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    return {k: tf.cast(parsed[k], serialized[k].tf_dtype) for k in keys}
+  return parse
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
