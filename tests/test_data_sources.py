@@ -329,7 +329,7 @@ def jpeg_records_fixture(tmp_path_factory):
 
 
 def test_jpeg_records_stream_the_same_batches_from_any_step(jpeg_records):
-  """Large JPEG records take the batch decoder: float images in [0, 1], the
+  """Large JPEG records take the tf.data crop stage: float images in [0, 1], the
   records' labels, and a stream started at step 3 (a resumed run) gives the
   batch an unbroken stream gives there, bit for bit, as do two hosts
   together."""

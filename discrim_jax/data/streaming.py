@@ -14,8 +14,11 @@ is the iterator's whole state. Sharded TFRecord files give neither.
 
 Memory: records are read and decoded on the fly by ``num_threads`` threads,
 each making whole batches, into a prefetch buffer of ``max(prefetch,
-num_threads)`` batches; what grows with the data set is only the train
-split's index (8 bytes a record) and one epoch's permutation of it.
+num_threads)`` batches (JPEG training records: raw records, read by
+``max(1, prefetch)`` threads, then a tf.data stage holding the crops in
+flight on ``num_threads`` threads and one finished batch); what grows with
+the data set is only the train split's index (8 bytes a record) and one
+epoch's permutation of it.
 
 Augmentation: images of at most 64 pixels get the in-memory path's CIFAR
 recipe (4-pixel pad-and-crop and flip, drawn per global batch from
