@@ -23,13 +23,15 @@ Each measurement is its own process pinned to the first N cores
 sized to N), alternating pipelines and core counts round by round; each
 prints images/s over ``--batches`` batches after 3 untimed ones. The
 summary gives images/s per core, median and min-max over rounds, the
-ratio stream / tf.data per round, and whether streaming is at least as fast
-("met" only if every round says so; "inconclusive" when rounds disagree).
+ratio stream / tf.data per round, whether streaming is at least as fast
+("met" only if every round says so; "inconclusive" when rounds disagree),
+and how much each process's peak RSS grew over the timed batches.
 """
 
 import json
 import os
 from pathlib import Path
+import resource
 import statistics
 import subprocess
 import sys
@@ -111,11 +113,14 @@ def _worker(spec: str) -> None:
   for _ in range(3):
     batch = next(it)
   assert batch["image"].shape == (_BATCH.value, SIZE, SIZE, 3), batch["image"].shape
+  peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pylint: disable=unnecessary-lambda-assignment
+  warm = peak()
   start = time.perf_counter()
   for _ in range(_BATCHES.value):
     next(it)
   rate = _BATCHES.value * _BATCH.value / (time.perf_counter() - start)
-  print(json.dumps({"kind": kind, "cores": cores, "images_per_s": rate}))
+  print(json.dumps({"kind": kind, "cores": cores, "images_per_s": rate,
+                    "peak_rss_mib": [warm, peak()]}))
 
 
 def main(argv):
@@ -131,6 +136,7 @@ def main(argv):
     raise app.UsageError(f"--cores={max(cores)} but this process may use "
                          f"{len(os.sched_getaffinity(0))}")
   rates = {(k, c): [] for k in ("stream", "tfdata") for c in cores}
+  memory = {key: [] for key in rates}  # peak RSS after warm-up and at the end
   for r in range(_ROUNDS.value):
     for c in cores:
       for kind in ("stream", "tfdata"):
@@ -141,8 +147,10 @@ def main(argv):
             capture_output=True, text=True, check=False)
         if out.returncode:
           raise RuntimeError(f"{kind} on {c} cores failed:\n{out.stderr[-3000:]}")
-        rate = json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+        line = json.loads(out.stdout.strip().splitlines()[-1])
+        rate = line["images_per_s"]
         rates[(kind, c)].append(rate)
+        memory[(kind, c)].append(line["peak_rss_mib"])
         print(f"round {r}: {kind} on {c} core(s): {rate:.0f} img/s", flush=True)
   from discrim_jax import benchmarking  # pylint: disable=g-import-not-at-top
   summary = {"cpu": benchmarking.cpu_model(), "records": _RECORDS.value,
@@ -156,11 +164,16 @@ def main(argv):
     summary["results"][f"{c}_cores"] = {
         **{f"{k}_images_per_s_per_core": [v / c for v in rates[(k, c)]]
            for k in ("stream", "tfdata")},
-        "stream_over_tfdata": ratio, "at_least_tfdata": target}
+        "stream_over_tfdata": ratio, "at_least_tfdata": target,
+        **{f"{k}_peak_rss_mib": memory[(k, c)] for k in ("stream", "tfdata")}}
     line = {k: statistics.median(rates[(k, c)]) / c for k in ("stream", "tfdata")}
     print(f"{c} core(s): stream {line['stream']:.0f}, tf.data "
           f"{line['tfdata']:.0f} img/s per core; stream/tf.data "
           f"{benchmarking.describe(figure)}; at least tf.data: {target}")
+    grew = max(end - warm for warm, end in memory[("stream", c)])
+    print(f"{c} core(s): streaming's peak RSS grew by at most {grew:.0f} MiB "
+          f"over the {_BATCHES.value} timed batches (after warm-up: "
+          f"{max(w for w, _ in memory[('stream', c)]):.0f} MiB)")
   if _OUT.value:
     Path(_OUT.value).write_text(json.dumps(summary, indent=2) + "\n")
 
