@@ -175,12 +175,31 @@ def _record(out, run: Run, recorded: dict[str, Any]) -> dict[str, Any] | None:
   return record
 
 
-def load_recorded(path) -> dict[str, dict[str, Any]]:
+def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
   """The finished runs an earlier ``verdict.json`` records, by
   :attr:`Run.key`: its ledger, or (files written before the ledger) what
   its tables keep: each tuning run's best validation accuracy, each
-  confirmation and capacity run's accuracies and curve."""
+  confirmation and capacity run's accuracies and curve. A ConfigError
+  unless the file was written for the same protocol: the base config's
+  identity (files that record it), the same regimes under the same names,
+  and each objective's tuning candidates."""
   results = workdir_lib.read_json(epath.Path(path))
+  def refuse(what):
+    raise ConfigError(f"--recorded={path} records runs of another verdict ({what}); "
+                      "pass the verdict.json that this command wrote")
+  if "base" in results:
+    mine = json.loads(json.dumps(config_lib.identity(base)))
+    if results["base"] != mine:
+      refuse("base config differs in " + ", ".join(sorted(
+          k for k in set(mine) | set(results["base"])
+          if mine.get(k) != results["base"].get(k))))
+  for regime in regimes:
+    row = results["regimes"].get(regime.name)
+    if row is not None and row["regime"] != dataclasses.asdict(regime):
+      refuse(f"{regime.name} is {row['regime']}, here {dataclasses.asdict(regime)}")
+    for objective, entry in (row or {}).get("objectives", {}).items():
+      if [c["setting"] for c in entry["candidates"]] != candidates(objective, base):
+        refuse(f"the tuning candidates of {objective} differ")
   if "runs" in results:
     return results["runs"]
   out = {}
@@ -417,6 +436,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
                        **({"capacity": {"widths": list(widths),
                                         "seeds": list(CAPACITY_SEEDS)}}
                           if widths else {})},
+          "base": config_lib.identity(base),
           "regimes": rows,
           "runs": _ledger(out, regimes, objectives, widths, recorded)}
 

@@ -85,7 +85,8 @@ def main(argv):
     return out
 
   def run():
-    recorded = _RECORDED.value and verdict.load_recorded(_RECORDED.value)
+    recorded = _RECORDED.value and verdict.load_recorded(
+        _RECORDED.value, _CONFIG.value, regimes())
     if shard is None:
       with cli.in_workdir(_WORKDIR.value):
         return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),

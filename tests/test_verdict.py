@@ -1,6 +1,7 @@
 """The verdict's protocol (issue #28): equal tuning budgets, the choice on
 validation only, fresh seeds for the comparison, Holm over the family."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -115,9 +116,18 @@ def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_pat
   for source in (tmp_path / "verdict.json", before_ledger):
     empty = tmp_path / f"lost_{source.stem}"
     again = verdict.run_verdict(base, str(empty), [regime], objectives,
-                                recorded=verdict.load_recorded(source))
+                                recorded=verdict.load_recorded(source, base, [regime]))
     assert not list(empty.glob("**/summary.json"))
     assert again["regimes"] == kept["regimes"], source
+  # Never mixed into another verdict's runs: another base config, or a
+  # regime of the same name trained otherwise, is refused in one line.
+  with pytest.raises(config_lib.ConfigError, match=r"base config differs in .*optimizer"):
+    verdict.load_recorded(tmp_path / "verdict.json",
+                          smoke_config(**{"optimizer.lr": 0.05}), [regime])
+  longer = dataclasses.replace(regime, steps=8)
+  for source in (tmp_path / "verdict.json", before_ledger):
+    with pytest.raises(config_lib.ConfigError, match="4_per_class is"):
+      verdict.load_recorded(source, base, [longer])
 
 
 def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
