@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 import re
+import subprocess
+import sys
 
 # Must happen before JAX initialises its backends. Appended to a user's own
 # XLA_FLAGS (never dropped because they are set); a different device count
@@ -21,6 +23,29 @@ elif _count.group(1) != "8":
       f"XLA_FLAGS sets {_count.group(0)}; the tests need 8 fake CPU devices: "
       f"remove it or set {_DEVICES}=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _xla_knows(flag: str) -> bool:
+  """Whether this jaxlib's XLA accepts ``flag`` (it aborts on an unknown
+  one): asked of a child process once; the processes the suite starts
+  (pytest-xdist's workers among them) inherit the answer in XLA_FLAGS."""
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {flag}")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                        env=env, capture_output=True, check=False).returncode == 0
+
+
+# XLA:CPU's older elementwise emitters compile the suite's programs in about
+# half the time of the default MLIR fusion emitters (ResNet-50 at the GPU
+# check's tiny size: 2.9 s against 6.3; the cold suite 11 min 14 s against
+# 15 min 13 s on a 2-core Xeon), for steps 8% slower (docs/speed.md). Like
+# JAX_DISABLE_MOST_OPTIMIZATIONS below, a choice for the suite only: users'
+# runs keep XLA's defaults, and every numerical bound in tests/ is one that
+# float32 rounding justifies, whatever kernel rounds. Left out where this
+# jaxlib no longer has the switch.
+_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _xla_knows(
+    _EMITTERS):
+  os.environ["XLA_FLAGS"] += " " + _EMITTERS
 # Tests compile many small programs once each: trade run time for compile
 # time, here and (through the environment) in the CLI processes tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
@@ -34,19 +59,25 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.expanduser("~"), ".cache", "discrim_jax", "jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# torchvision's compiled ops segfault when they load after TensorFlow in one
-# process (seen with torch 2.14.1 + torchvision 0.29.1 + tensorflow-cpu 2.21),
-# and transformers' CvT imports torchvision. Load them first; where they are
-# missing, tests/test_pretrained.py fails with a message saying what to install.
-try:
-  import torchvision  # noqa: E402,F401  pylint: disable=unused-import
-  import transformers.models.cvt  # noqa: E402,F401  pylint: disable=unused-import
-except ImportError:
-  pass
-
-import jax  # noqa: E402
-
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  """torchvision's compiled ops segfault when they load after TensorFlow in
+  one process (seen with torch 2.14.1 + torchvision 0.29.1 + tensorflow-cpu
+  2.21), and transformers' CvT imports torchvision: every process that runs
+  tests loads them first (where they are missing, tests/test_pretrained.py
+  fails with a message saying what to install). pytest-xdist's controller
+  runs no test: it skips the 7 s this takes."""
+  if config.getoption("numprocesses", default=None) and not os.environ.get(
+      "PYTEST_XDIST_WORKER"):
+    return
+  try:
+    import torchvision  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+    import transformers.models.cvt  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+  except ImportError:
+    pass
+
 
 
 @pytest.fixture(scope="session")
