@@ -34,14 +34,16 @@ def _xla_knows(flag: str) -> bool:
                         env=env, capture_output=True, check=False).returncode == 0
 
 
-# XLA:CPU's older elementwise emitters compile the suite's programs in about
-# half the time of the default MLIR fusion emitters (ResNet-50 at the GPU
-# check's tiny size: 2.9 s against 6.3; the cold suite 11 min 14 s against
-# 15 min 13 s on a 2-core Xeon), for steps 8% slower (docs/speed.md). Like
-# JAX_DISABLE_MOST_OPTIMIZATIONS below, a choice for the suite only: users'
-# runs keep XLA's defaults, and every numerical bound in tests/ is one that
-# float32 rounding justifies, whatever kernel rounds. Left out where this
-# jaxlib no longer has the switch.
+# XLA:CPU's older elementwise emitters, with JAX_DISABLE_MOST_OPTIMIZATIONS
+# below, compile the suite's small programs faster than the default MLIR
+# fusion emitters: the whole suite from a cold cache took 11 min 14 s against
+# 15 min 13 s (pytest's own figures, one run each, 2-core Xeon, the same
+# background load). Not a knob for users: full-size models compile no faster
+# with it at -O0 and 2.2-2.6x slower at XLA's default optimisation
+# (experiments/results/startup/), and steps run 8% slower (docs/speed.md).
+# Like JAX_DISABLE_MOST_OPTIMIZATIONS, a choice for the suite only; every
+# numerical bound in tests/ is one that float32 rounding justifies, whatever
+# kernel rounds. Left out where this jaxlib no longer has the switch.
 _EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _xla_knows(
     _EMITTERS):
