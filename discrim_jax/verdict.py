@@ -4,8 +4,9 @@ fresh seeds against tuned CE (issue #28).
 For each regime (a data set at some images per class, trained a fixed number
 of steps), the protocol is fixed before any run:
 
-1. **Tuning, the same budget for every objective**: ``NUM_CANDIDATES``
-   settings x ``TUNING_SEEDS``. Candidate 0 is the app's defaults; the others
+1. **Tuning, the same budget for every objective**: the regime's
+   ``candidates`` settings (``NUM_CANDIDATES`` unless the command says
+   fewer) x ``TUNING_SEEDS``. Candidate 0 is the app's defaults; the others
    are drawn (log-uniformly, from a generator seeded by the objective's name)
    for the learning rate, the weight decay and each of the objective's own
    term weights (``SEARCH``; CE has only the first two).
@@ -77,11 +78,14 @@ CAPACITY_SEEDS = FRESH_SEEDS[:5]
 @dataclasses.dataclass(frozen=True)
 class Regime:
   """A data set at ``per_class`` training images of each class, trained
-  ``steps`` steps of ``batch``."""
+  ``steps`` steps of ``batch``; every objective tuned over ``candidates``
+  settings (the first ``candidates`` of the same draws, whatever the
+  number)."""
   name: str
   per_class: int
   steps: int = study.STEPS
   batch: int = study.BATCH
+  candidates: int = NUM_CANDIDATES
 
 
 def _get(config, field: str):
@@ -90,16 +94,18 @@ def _get(config, field: str):
   return config
 
 
-def candidates(objective: str, base) -> list[dict[str, float]]:
-  """The tuning settings of ``objective`` (dotted fields and values):
-  candidate 0 is ``base``'s own, the rest drawn from :data:`SEARCH`."""
+def candidates(objective: str, base, number: int = NUM_CANDIDATES
+               ) -> list[dict[str, float]]:
+  """The ``number`` tuning settings of ``objective`` (dotted fields and
+  values): candidate 0 is ``base``'s own, the rest drawn from
+  :data:`SEARCH` (fewer settings are the first of the same draws)."""
   fields = list(SEARCH) + [f for t in config_lib.objective_terms(objective)
                            for f in TERM_WEIGHTS[t]]
   ranges = {f: SEARCH.get(f) or (0.1 * _get(base, f), 10 * _get(base, f))
             for f in fields}
   rng = np.random.default_rng(zlib.crc32(objective.encode()))
   out = [{f: float(_get(base, f)) for f in fields}]
-  for _ in range(NUM_CANDIDATES - 1):
+  for _ in range(number - 1):
     out.append({f: float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
                 for f, (lo, hi) in ranges.items()})
   return out
@@ -139,7 +145,7 @@ class Run:
 
 def tuning_runs(regimes, objectives) -> list[Run]:
   return [Run(r.name, "tune", o, k, s) for r in regimes for o in objectives
-          for k in range(NUM_CANDIDATES) for s in TUNING_SEEDS]
+          for k in range(r.candidates) for s in TUNING_SEEDS]
 
 
 def confirm_runs(regimes, objectives) -> list[Run]:
@@ -195,10 +201,12 @@ def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
           if mine.get(k) != results["base"].get(k))))
   for regime in regimes:
     row = results["regimes"].get(regime.name)
-    if row is not None and row["regime"] != dataclasses.asdict(regime):
+    # Files written before regimes had ``candidates`` used the default.
+    if row is not None and Regime(**row["regime"]) != regime:
       refuse(f"{regime.name} is {row['regime']}, here {dataclasses.asdict(regime)}")
     for objective, entry in (row or {}).get("objectives", {}).items():
-      if [c["setting"] for c in entry["candidates"]] != candidates(objective, base):
+      if ([c["setting"] for c in entry["candidates"]]
+          != candidates(objective, base, regime.candidates)):
         refuse(f"the tuning candidates of {objective} differ")
   if "runs" in results:
     return results["runs"]
@@ -234,7 +242,7 @@ def _tuning_values(out, regime: Regime, objective: str,
   """Each candidate's best validation accuracies (None: not finished)."""
   return [[_validation(out, Run(regime.name, "tune", objective, k, s),
                        recorded or {})
-           for s in TUNING_SEEDS] for k in range(NUM_CANDIDATES)]
+           for s in TUNING_SEEDS] for k in range(regime.candidates)]
 
 
 def _choice(values: list[list]) -> int | None:
@@ -275,6 +283,9 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   if "ce" not in objectives:
     raise ConfigError("the verdict compares with CE: --objectives must "
                       f"include ce, got {list(objectives)}")
+  if len({r.candidates for r in regimes}) != 1:
+    raise ConfigError("one command tunes every regime with the same number of "
+                      f"candidates, got {[r.candidates for r in regimes]}")
   if widths and not set(CAPACITY_OBJECTIVES) <= set(objectives):
     raise ConfigError(f"--capacity compares {' and '.join(CAPACITY_OBJECTIVES)}: "
                       f"--objectives must include both, got {list(objectives)}")
@@ -298,7 +309,7 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
           logging.info("%s: tuning of %s not finished; its confirmation waits",
                        run.regime, run.objective)
           continue
-      setting = candidates(run.objective, base)[k]
+      setting = candidates(run.objective, base, by_name[run.regime].candidates)[k]
       logging.info("%s %s %s candidate %d seed %d%s: %s", run.regime, phase,
                    run.objective, k, run.seed,
                    "" if run.width is None else f" width {run.width:g}", setting)
@@ -389,7 +400,8 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
       values = _tuning_values(out, regime, objective, recorded)
       entry = {"candidates": [
           {"setting": setting, "validation_accuracy": v}
-          for setting, v in zip(candidates(objective, base), values)],
+          for setting, v in zip(
+              candidates(objective, base, regime.candidates), values)],
                "chosen": _choice(values)}
       entry["confirm"] = (_confirmed(out, regime, objective, recorded=recorded)
                           if entry["chosen"] is not None else None)
@@ -426,7 +438,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
   complete = primary and all("test_accuracy" in e for row in rows.values()
                              for e in row.get("capacity", {}).values())
   return {"complete": complete,
-          "protocol": {"candidates": NUM_CANDIDATES,
+          "protocol": {"candidates": regimes[0].candidates,
                        "tuning_seeds": list(TUNING_SEEDS),
                        "fresh_seeds": list(FRESH_SEEDS),
                        "search": {k: list(v) for k, v in SEARCH.items()},

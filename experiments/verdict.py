@@ -34,6 +34,9 @@ _PER_CLASS = flags.DEFINE_list("per_class", ["20", "500"],
                                "The regimes: training images per class.")
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps of every run.")
 _BATCH = flags.DEFINE_integer("batch", 100, "Batch size of every run.")
+_CANDIDATES = flags.DEFINE_integer(
+    "candidates", 4, "Tuning settings of every objective (the defaults and "
+    "the first N-1 drawn ones; fewer: the first of the same draws).")
 _OBJECTIVES = flags.DEFINE_list(
     "objectives", None, "Objectives (default: CE, CE+Gini+KL and the baselines).")
 _SHARD = flags.DEFINE_string("shard", "", "I/N: train only shard I of N.")
@@ -64,8 +67,12 @@ def main(argv):
       raise config_lib.ConfigError(
           f"--per_class={','.join(_PER_CLASS.value)} must be positive whole "
           "numbers, e.g. --per_class=20,500")
-    return [verdict.Regime(f"{n}_per_class", n, _STEPS.value, _BATCH.value)
-            for n in sizes]
+    if _CANDIDATES.value < 1:
+      raise config_lib.ConfigError(
+          f"--candidates={_CANDIDATES.value} must be at least 1 (the defaults), "
+          "e.g. --candidates=4")
+    return [verdict.Regime(f"{n}_per_class", n, _STEPS.value, _BATCH.value,
+                           _CANDIDATES.value) for n in sizes]
 
   if run_with_one_line_errors(lambda: cli.dry_run("verdict", [
       verdict.regime_config(_CONFIG.value, r, 10) for r in regimes()])):

@@ -9,7 +9,7 @@
 # committed file records are not trained again.
 #
 #   experiments/verdict_shards.sh fashion_mnist workdirs/verdict_fashion --per_class=20,500
-#   experiments/verdict_shards.sh fonts workdirs/verdict_fonts --per_class=20,200 --batch=200
+#   experiments/verdict_shards.sh fonts workdirs/verdict_fonts --per_class=20,200 --batch=200 --candidates=3
 set -u
 cd "$(dirname "$0")/.."
 mkdir -p "$(dirname "$2")"

@@ -1,8 +1,9 @@
 """Every code block of README.md and docs/*.md runs here, so none can go stale.
 
 * ``python`` blocks run as they are, each in a fresh interpreter.
-* ``sh`` blocks: every ``python experiments/SCRIPT.py ...`` command runs with
-  ``--dry_run`` (flags parsed, config loaded and validated, objectives and
+* ``sh`` blocks: every ``python experiments/SCRIPT.py ...`` command (and
+  ``experiments/verdict_shards.sh CONFIG WORKDIR FLAGS``, as the
+  ``verdict.py`` command each of its shards runs) runs with ``--dry_run`` (flags parsed, config loaded and validated, objectives and
   cells built; no data read, no workdir touched). ``make``, ``gcloud``, ``srun``/``#SBATCH`` and
   ``tfds``/``ln`` lines are the set-up's or a cluster's own and are not run
   (CI runs ``make test`` itself).
@@ -50,6 +51,11 @@ def _commands():
         pending = line + "\n"
         continue
       pending = ""
+      if words[:1] == ["experiments/verdict_shards.sh"]:
+        config, workdir, *rest = words[1:]
+        words = ["python", "experiments/verdict.py",
+                 f"--config=experiments/configs/{config}.py",
+                 f"--workdir={workdir}", *rest]
       if words[:1] == ["python"] and words[1].startswith("experiments/"):
         out.setdefault(tuple(words[1:]), []).append(where)
       else:

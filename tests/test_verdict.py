@@ -28,8 +28,10 @@ def test_every_objective_gets_the_same_budget_over_its_own_knobs(smoke_config):
   weights = verdict.candidates("gini_kl", base)
   for t in weights[1:]:
     assert 0.1 * base.loss.lambda_gini <= t["loss.lambda_gini"] <= 10 * base.loss.lambda_gini
-  # The same draw in every process (a study resumed elsewhere).
+  # The same draw in every process (a study resumed elsewhere), and a
+  # smaller budget tries the first settings of the same draw.
   assert verdict.candidates("opl", base) == verdict.candidates("opl", base)
+  assert verdict.candidates("opl", base, 3) == verdict.candidates("opl", base)[:3]
   assert not set(verdict.FRESH_SEEDS) & set(verdict.TUNING_SEEDS)
 
 
@@ -64,11 +66,11 @@ def test_the_choice_waits_for_every_tuning_run_and_reads_validation_only(
 
 def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_path,
                                                       monkeypatch, smoke_config):
-  monkeypatch.setattr(verdict, "NUM_CANDIDATES", 2)
   monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
   monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101))
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20)
+  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20,
+                          candidates=2)
   objectives = ("ce", "gini_kl")
   results = verdict.run_verdict(base, str(tmp_path), [regime], objectives)
   row = results["regimes"]["4_per_class"]["objectives"]
@@ -124,10 +126,18 @@ def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_pat
   with pytest.raises(config_lib.ConfigError, match=r"base config differs in .*optimizer"):
     verdict.load_recorded(tmp_path / "verdict.json",
                           smoke_config(**{"optimizer.lr": 0.05}), [regime])
-  longer = dataclasses.replace(regime, steps=8)
-  for source in (tmp_path / "verdict.json", before_ledger):
-    with pytest.raises(config_lib.ConfigError, match="4_per_class is"):
-      verdict.load_recorded(source, base, [longer])
+  for other in (dataclasses.replace(regime, steps=8),
+                dataclasses.replace(regime, candidates=3)):
+    for source in (tmp_path / "verdict.json", before_ledger):
+      with pytest.raises(config_lib.ConfigError, match="4_per_class is"):
+        verdict.load_recorded(source, base, [other])
+  # A file written before regimes recorded their candidates stands for the
+  # default number of them (the committed one is read in the test below).
+  old = json.loads(before_ledger.read_text())
+  del old["regimes"]["4_per_class"]["regime"]["candidates"]
+  before_ledger.write_text(json.dumps(old))
+  with pytest.raises(config_lib.ConfigError, match="4_per_class is"):
+    verdict.load_recorded(before_ledger, base, [regime])  # 2, not the default
 
 
 def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
@@ -138,11 +148,11 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   are done while another's are not writes nothing."""
   from statsmodels.stats.multitest import multipletests  # pylint: disable=g-import-not-at-top
   from discrim_jax import study  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(verdict, "NUM_CANDIDATES", 1)
   monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
   monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102, 103, 104))
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20)
+  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20,
+                          candidates=1)
   objectives = ("ce", "gini_kl", "opl")
   runs = (verdict.tuning_runs([regime], objectives)
           + verdict.confirm_runs([regime], objectives))
@@ -193,13 +203,13 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   at each width (the base width from the confirmation runs of the first
   seeds), Holm over the widths; a capacity run trains its objective's
   chosen setting at its width."""
-  monkeypatch.setattr(verdict, "NUM_CANDIDATES", 1)
   monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
   monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102, 103))
   monkeypatch.setattr(verdict, "CAPACITY_SEEDS", (100, 101, 102))
   base = smoke_config(data_dir=fashion_data_dir)
   base_width = base.model_kwargs.width_multiplier
-  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20)
+  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20,
+                          candidates=1)
   objectives = ("ce", "gini_kl")
   runs = (verdict.tuning_runs([regime], objectives)
           + verdict.confirm_runs([regime], objectives)
@@ -265,3 +275,10 @@ def test_committed_results_recompute_from_their_per_seed_values():
                                                      rel=1e-12)
       checked += 1
   assert checked >= 4
+  # It resumes its own command (--recorded), and only that one.
+  from experiments.configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  regimes = [verdict.Regime(f"{n}_per_class", n, 600, 100) for n in (20, 500)]
+  assert verdict.load_recorded(path, fashion_mnist.get_config(), regimes) == results["runs"]
+  with pytest.raises(config_lib.ConfigError, match="20_per_class is"):
+    verdict.load_recorded(path, fashion_mnist.get_config(),
+                          [dataclasses.replace(regimes[0], candidates=3)])
