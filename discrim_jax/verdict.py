@@ -42,7 +42,7 @@ import dataclasses
 import json
 import math
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -232,16 +232,23 @@ def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
   return {k: {f: v for f, v in r.items() if f != "seed"} for k, r in out.items()}
 
 
-def _validation(out, run: Run, recorded) -> float | None:
-  r = _record(out, run, recorded)
-  return None if r is None else r["best_validation_accuracy"]
+# ``finished(run)``: a finished run's values or None. While training, each
+# call reads the run's folder (runs finish as the loop goes); the results
+# read every folder once, into the ledger, and look runs up there.
+Finished = Callable[[Run], "dict[str, Any] | None"]
 
 
-def _tuning_values(out, regime: Regime, objective: str,
-                   recorded=None) -> list[list]:
+def _reader(out, recorded) -> Finished:
+  return lambda run: _record(out, run, recorded or {})
+
+
+def _tuning_values(finished: Finished, regime: Regime, objective: str
+                   ) -> list[list]:
   """Each candidate's best validation accuracies (None: not finished)."""
-  return [[_validation(out, Run(regime.name, "tune", objective, k, s),
-                       recorded or {})
+  def validation(run):
+    r = finished(run)
+    return None if r is None else r["best_validation_accuracy"]
+  return [[validation(Run(regime.name, "tune", objective, k, s))
            for s in TUNING_SEEDS] for k in range(regime.candidates)]
 
 
@@ -253,7 +260,7 @@ def _choice(values: list[list]) -> int | None:
 
 def choose(out, regime: Regime, objective: str, recorded=None) -> int | None:
   """The chosen candidate (validation only), or None until tuning is done."""
-  return _choice(_tuning_values(out, regime, objective, recorded))
+  return _choice(_tuning_values(_reader(out, recorded), regime, objective))
 
 
 def _train(out, config, run: Run) -> None:
@@ -324,14 +331,12 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   return results
 
 
-def _confirmed(out, regime: Regime, objective: str, seeds=None,
-               width: float | None = None, recorded=None
-               ) -> list[dict[str, Any]] | None:
+def _confirmed(finished: Finished, regime: Regime, objective: str, seeds=None,
+               width: float | None = None) -> list[dict[str, Any]] | None:
   runs = []
   phase = "confirm" if width is None else "capacity"
   for seed in FRESH_SEEDS if seeds is None else seeds:
-    r = _record(out, Run(regime.name, phase, objective, None, seed, width),
-                recorded or {})
+    r = finished(Run(regime.name, phase, objective, None, seed, width))
     if r is None:
       return None
     runs.append({"seed": seed, **{f: r[f] for f in (
@@ -358,7 +363,7 @@ def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
           "plateaued": gain < PLATEAU_POINTS, "rule_points": PLATEAU_POINTS}
 
 
-def _capacity(out, base, regime: Regime, row, widths, recorded
+def _capacity(finished: Finished, base, regime: Regime, row, widths
               ) -> dict[str, Any]:
   """Per width (the base width from the confirmation runs): CE's and the
   loss's runs on :data:`CAPACITY_SEEDS` and their paired comparison, with
@@ -372,7 +377,7 @@ def _capacity(out, base, regime: Regime, row, widths, recorded
         confirmed = row["objectives"][o]["confirm"]
         runs[o] = confirmed and [r for r in confirmed if r["seed"] in CAPACITY_SEEDS]
       else:
-        runs[o] = _confirmed(out, regime, o, CAPACITY_SEEDS, w, recorded)
+        runs[o] = _confirmed(finished, regime, o, CAPACITY_SEEDS, w)
     entry = table[f"{w:g}"] = {"runs": runs}
     if all(runs.values()):
       ce, loss = (runs[o] for o in CAPACITY_OBJECTIVES)
@@ -391,19 +396,23 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
   choice, the confirmation runs, and the paired comparison with CE; with
   ``widths``, the capacity analysis; ``"runs"``, the ledger of every
   finished run (:func:`load_recorded`)."""
-  recorded = recorded or {}
+  ledger = _ledger(out, regimes, objectives, widths, recorded or {})
+
+  def finished(run):
+    return ledger.get(run.key)
+
   rows: dict[str, Any] = {}
   for regime in regimes:
     row = rows[regime.name] = {"regime": dataclasses.asdict(regime),
                                "objectives": {}}
     for objective in objectives:
-      values = _tuning_values(out, regime, objective, recorded)
+      values = _tuning_values(finished, regime, objective)
       entry = {"candidates": [
           {"setting": setting, "validation_accuracy": v}
           for setting, v in zip(
               candidates(objective, base, regime.candidates), values)],
                "chosen": _choice(values)}
-      entry["confirm"] = (_confirmed(out, regime, objective, recorded=recorded)
+      entry["confirm"] = (_confirmed(finished, regime, objective)
                           if entry["chosen"] is not None else None)
       row["objectives"][objective] = entry
     ce = row["objectives"]["ce"]["confirm"]
@@ -433,8 +442,8 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
         [a["test_accuracy"] - b["test_accuracy"]
          for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
   for regime in regimes if widths else []:
-    rows[regime.name]["capacity"] = _capacity(out, base, regime,
-                                              rows[regime.name], widths, recorded)
+    rows[regime.name]["capacity"] = _capacity(finished, base, regime,
+                                              rows[regime.name], widths)
   complete = primary and all("test_accuracy" in e for row in rows.values()
                              for e in row.get("capacity", {}).values())
   return {"complete": complete,
@@ -450,7 +459,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
                           if widths else {})},
           "base": config_lib.identity(base),
           "regimes": rows,
-          "runs": _ledger(out, regimes, objectives, widths, recorded)}
+          "runs": ledger}
 
 
 def _ledger(out, regimes, objectives, widths, recorded) -> dict[str, Any]:
