@@ -112,34 +112,39 @@ class StreamingDataset:
     self._parse_batch = None  # parse_batch's parser, made on first use
     decoders = ({self._image_key: access.tf_modules()[1].decode.SkipDecoding()}
                 if self._jpeg else None)
+    self._source, self._index = self._open_splits(
+        splits, decoders, validation_seed, max_examples)
+    self._lock = threading.Lock()
+
+  def _open_splits(self, splits, decoders, validation_seed, max_examples):
+    """Each split's data source (validation held out of train shares
+    train's) and the record indices it reads, in order."""
     plan = access.split_plan(list(self._builder.info.splits), self._spec,
-                               {k: v for k, v in (splits or {}).items() if v},
-                               name)
-    # Each split's data source (validation held out of train shares train's)
-    # and the record indices it reads, in order.
+                             {k: v for k, v in (splits or {}).items() if v},
+                             self.name)
     opened: dict[str, Any] = {}
-    self._source: dict[str, Any] = {}
+    source: dict[str, Any] = {}
     for split in access.SPLITS:
       tfds_split = plan[split] if plan[split] is not None else plan["train"]
       if tfds_split not in opened:
         opened[tfds_split] = self._builder.as_data_source(
             split=tfds_split, file_format=ARRAY_RECORD, decoders=decoders)
-      self._source[split] = opened[tfds_split]
+      source[split] = opened[tfds_split]
     held_out = None
     if plan["validation"] is None:
-      n = len(self._source["train"])
+      n = len(source["train"])
       # The hold-out of the in-memory path; a count or fraction needs no labels.
       held_out = access.holdout_mask(np.zeros(n, np.int32), self._spec,
-                                       self.num_classes, validation_seed, name)
-    self._index: dict[str, np.ndarray] = {}
+                                     self.num_classes, validation_seed, self.name)
+    index_of: dict[str, np.ndarray] = {}
     for split in access.SPLITS:
       if held_out is not None and split != "test":
         index = np.flatnonzero(held_out if split == "validation" else ~held_out)
       else:
-        index = np.arange(len(self._source[split]))
+        index = np.arange(len(source[split]))
       limit = (max_examples or {}).get(split, 0)
-      self._index[split] = index[:limit] if limit else index
-    self._lock = threading.Lock()
+      index_of[split] = index[:limit] if limit else index
+    return source, index_of
 
   def num_examples(self, split: str) -> int:
     return len(self._index[split])
@@ -294,22 +299,14 @@ def random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
-def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
-                  train: bool, seed: int, start_step: int, augment: bool,
-                  normalize: bool, crop_padding: int, process_index: int,
-                  process_count: int, num_threads: int = 16,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """:func:`discrim_jax.data.make_iterator` for a streamed data set: the same
-  batches (order, padding, mask; for small images the same augmentation) as
-  the in-memory path gives for the same seed and step."""
-  import grain  # pylint: disable=g-import-not-at-top
-  rows = batching.process_rows(batch_size, process_index, process_count)
+def _locator(dataset: StreamingDataset, split: str, batch_size: int,
+             rows: slice, train: bool, seed: int, start_step: int):
+  """``(locate, first, length)``: ``locate(position)`` is the ``(example,
+  mask)`` this process reads at its ``position``-th place in its stream,
+  in the in-memory path's order; the stream runs over ``[first, first +
+  length)`` (training: from ``start_step``, endless)."""
   local = rows.stop - rows.start
   n = dataset.num_examples(split)
-  shape = dataset.image_shape
-  small = shape[0] <= CIFAR_MAX_SIZE
-  per_example_augment = augment and not small
-
   if train:
     num_steps = batching.num_train_steps(n, batch_size, f"{dataset.name}/{split}")
 
@@ -323,16 +320,32 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
       with dataset._lock:  # pylint: disable=protected-access
         perm = order(epoch)
       return int(perm[k * batch_size + rows.start + j]), 1.0
-    first = start_step * local
-    length = 2**62  # endless; grain's range is lazy
-  else:
-    num_batches = -(-n // batch_size)
+    return locate, start_step * local, 2**62  # endless; grain's range is lazy
+  num_batches = -(-n // batch_size)
 
-    def locate(position):
-      step, j = divmod(position, local)
-      i = step * batch_size + rows.start + j
-      return (i, 1.0) if i < n else (0, 0.0)  # padding: example 0, masked
-    first, length = 0, num_batches * local
+  def locate(position):  # pylint: disable=function-redefined
+    step, j = divmod(position, local)
+    i = step * batch_size + rows.start + j
+    return (i, 1.0) if i < n else (0, 0.0)  # padding: example 0, masked
+  return locate, 0, num_batches * local
+
+
+def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
+            train: bool, seed: int, start_step: int, augment: bool,
+            normalize: bool, crop_padding: int, process_index: int,
+            process_count: int, num_threads: int = 16,
+            prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """:func:`discrim_jax.data.make_iterator` for a streamed data set: the same
+  batches (order, padding, mask; for small images the same augmentation) as
+  the in-memory path gives for the same seed and step."""
+  import grain  # pylint: disable=g-import-not-at-top
+  rows = batching.process_rows(batch_size, process_index, process_count)
+  local = rows.stop - rows.start
+  shape = dataset.image_shape
+  small = shape[0] <= CIFAR_MAX_SIZE
+  per_example_augment = augment and not small
+  locate, first, length = _locator(dataset, split, batch_size, rows, train,
+                                   seed, start_step)
 
   def slot(position):  # the example's place in the global stream, the same
     step, j = divmod(position, local)  # on every host: its augmentation key
@@ -372,11 +385,21 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
       prefetch_buffer_size=max(prefetch, read_threads))))
   if jpeg:
     it = jpeg_batches(dataset, shape, it, local, num_threads)
+  yield from _finished_batches(dataset, it, shape, rows, batch_size,
+                               augment=augment and small, normalize=normalize,
+                               crop_padding=crop_padding, seed=seed,
+                               step=start_step if train else 0)
+
+
+def _finished_batches(dataset, it, shape, rows, batch_size, *, augment: bool,
+                      normalize: bool, crop_padding: int, seed: int, step: int):
+  """The read batches as the step takes them: floats in [0, 1], small
+  images augmented as the in-memory path does (``augment``), normalised."""
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()
   crop = None
-  if augment and small:
+  if augment:
     tf = access.tf_modules()[0]
     # The in-memory path's augmentation, as one graph traced once (in eager
     # mode TensorFlow's memory grew by ~2 MB a batch).
@@ -385,7 +408,6 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
             image, key, crop_padding, rows, batch_size),
         input_signature=[tf.TensorSpec((None,) + tuple(shape), tf.float32),
                          tf.TensorSpec((2,), tf.int64)])
-  step = start_step if train else 0
   for batch in it:
     image = batch["image"]
     if image.dtype == np.uint8:
