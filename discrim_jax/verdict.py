@@ -2,7 +2,8 @@
 fresh seeds against tuned CE (issue #28).
 
 For each regime (a data set at some images per class, trained a fixed number
-of steps), the protocol is fixed before any run:
+of steps), the protocol is fixed before any run (its settings, seeds and
+runs: ``discrim_jax.verdict_plan``):
 
 1. **Tuning, the same budget for every objective**: the regime's
    ``candidates`` settings (``NUM_CANDIDATES`` unless the command says
@@ -23,8 +24,8 @@ of steps), the protocol is fixed before any run:
 
 Runs live in ``WORKDIR/REGIME/tune/cK/OBJECTIVE/seedS``,
 ``WORKDIR/REGIME/confirm/OBJECTIVE/seedS`` and (the capacity analysis)
-``WORKDIR/REGIME/capacity/width_W/OBJECTIVE/seedS``; finished runs are never redone, so
-the whole protocol resumes by rerunning its command. ``verdict.json`` keeps
+``WORKDIR/REGIME/capacity/width_W/OBJECTIVE/seedS``; finished runs are
+never redone, so the whole protocol resumes by rerunning its command. ``verdict.json`` keeps
 every run's seed and accuracies, so each figure recomputes from it, and a
 ledger of every finished run (``"runs"``): passed back as ``recorded``
 (:func:`load_recorded`), an earlier ``verdict.json`` stands for its runs'
@@ -40,8 +41,6 @@ _app.require(__name__)
 
 import dataclasses
 import json
-import math
-import zlib
 from typing import Any, Callable
 
 from absl import logging
@@ -52,120 +51,13 @@ from discrim_jax import compare
 from discrim_jax import config_lib
 from discrim_jax import stats as stats_lib
 from discrim_jax import study
+from discrim_jax import verdict_plan as plan
 from discrim_jax import verdict_report
 from discrim_jax import workdir as workdir_lib
 from discrim_jax.config_lib import ConfigError
 
-NUM_CANDIDATES = 4
-TUNING_SEEDS = (0, 1)
-FRESH_SEEDS = tuple(range(100, 110))
-# Log-uniform ranges: the learning rate and weight decay of every objective,
-# and each term weight from a tenth to ten times its default.
-SEARCH = {"optimizer.lr": (0.03, 0.3), "optimizer.weight_decay": (1e-4, 3e-3)}
-TERM_WEIGHTS = {"gini": ("loss.lambda_gini",), "kl": ("loss.lambda_kl",),
-                "center": ("baseline.center.weight",),
-                "opl": ("baseline.opl.weight",),
-                "supcon": ("baseline.supcon.weight",)}
-
-
-# Capacity, a secondary analysis with its own Holm family: CE and the loss
-# at their tuned settings on wider models (``--capacity``), paired on the
-# first fresh seeds; the base width's pairs are its confirmation runs.
-CAPACITY_OBJECTIVES = ("ce", "gini_kl")
-CAPACITY_SEEDS = FRESH_SEEDS[:5]
-
-
-@dataclasses.dataclass(frozen=True)
-class Regime:
-  """A data set at ``per_class`` training images of each class, trained
-  ``steps`` steps of ``batch``; every objective tuned over ``candidates``
-  settings (the first ``candidates`` of the same draws, whatever the
-  number)."""
-  name: str
-  per_class: int
-  steps: int = study.STEPS
-  batch: int = study.BATCH
-  candidates: int = NUM_CANDIDATES
-
-
-def _get(config, field: str):
-  for part in field.split("."):
-    config = config[part]
-  return config
-
-
-def candidates(objective: str, base, number: int = NUM_CANDIDATES
-               ) -> list[dict[str, float]]:
-  """The ``number`` tuning settings of ``objective`` (dotted fields and
-  values): candidate 0 is ``base``'s own, the rest drawn from
-  :data:`SEARCH` (fewer settings are the first of the same draws)."""
-  fields = list(SEARCH) + [f for t in config_lib.objective_terms(objective)
-                           for f in TERM_WEIGHTS[t]]
-  ranges = {f: SEARCH.get(f) or (0.1 * _get(base, f), 10 * _get(base, f))
-            for f in fields}
-  rng = np.random.default_rng(zlib.crc32(objective.encode()))
-  out = [{f: float(_get(base, f)) for f in fields}]
-  for _ in range(number - 1):
-    out.append({f: float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-                for f, (lo, hi) in ranges.items()})
-  return out
-
-
-def regime_config(base, regime: Regime, num_classes: int):
-  """``base`` at the regime's size, each seed drawing its own images, no
-  representation metrics (the verdict is on accuracy)."""
-  config = study.scarcity_config(base, regime.per_class, num_classes,
-                                 steps=regime.steps, batch=regime.batch)
-  return config_lib.with_fields(config, resample_subset=True,
-                                **{"representation.enabled": False})
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  regime: str
-  phase: str  # "tune", "confirm" or "capacity"
-  objective: str
-  candidate: int | None
-  seed: int
-  width: float | None = None  # capacity runs: the model's width multiplier
-
-  def folder(self, out: epath.Path) -> epath.Path:
-    where = out / self.regime / self.phase
-    if self.candidate is not None:
-      where = where / f"c{self.candidate}"
-    if self.width is not None:
-      where = where / f"width_{self.width:g}"
-    return workdir_lib.run_dir(where, self.objective, self.seed)
-
-  @property
-  def key(self) -> str:
-    """The run's folder under the workdir: its name in the ledger."""
-    return self.folder(epath.Path()).as_posix()
-
-
-def tuning_runs(regimes, objectives) -> list[Run]:
-  return [Run(r.name, "tune", o, k, s) for r in regimes for o in objectives
-          for k in range(r.candidates) for s in TUNING_SEEDS]
-
-
-def confirm_runs(regimes, objectives) -> list[Run]:
-  return [Run(r.name, "confirm", o, None, s) for r in regimes
-          for o in objectives for s in FRESH_SEEDS]
-
-
-def capacity_runs(regimes, widths) -> list[Run]:
-  return [Run(r.name, "capacity", o, None, s, w) for r in regimes
-          for w in widths for o in CAPACITY_OBJECTIVES for s in CAPACITY_SEEDS]
-
-
-def run_config(regime_config_, run: Run, setting: dict[str, float]):
-  """The config ``run`` trains: its regime's, with the objective's
-  setting (and, for capacity runs, the width)."""
-  width = {} if run.width is None else {"model_kwargs.width_multiplier": run.width}
-  return config_lib.with_fields(regime_config_, **setting, **width)
-
-
-def _record(out, run: Run, recorded: dict[str, Any]) -> dict[str, Any] | None:
+def _record(out, run: plan.Run, recorded: dict[str, Any]
+            ) -> dict[str, Any] | None:
   """A finished run's values (its folder's, else ``recorded``'s), or None."""
   folder = run.folder(out)
   if not workdir_lib.finished(folder):
@@ -183,7 +75,7 @@ def _record(out, run: Run, recorded: dict[str, Any]) -> dict[str, Any] | None:
 
 def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
   """The finished runs an earlier ``verdict.json`` records, by
-  :attr:`Run.key`: its ledger, or (files written before the ledger) what
+  :attr:`plan.Run.key`: its ledger, or (files written before the ledger) what
   its tables keep: each tuning run's best validation accuracy, each
   confirmation and capacity run's accuracies and curve. A ConfigError
   unless the file was written for the same protocol: the base config's
@@ -202,11 +94,11 @@ def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
   for regime in regimes:
     row = results["regimes"].get(regime.name)
     # Files written before regimes had ``candidates`` used the default.
-    if row is not None and Regime(**row["regime"]) != regime:
+    if row is not None and plan.Regime(**row["regime"]) != regime:
       refuse(f"{regime.name} is {row['regime']}, here {dataclasses.asdict(regime)}")
     for objective, entry in (row or {}).get("objectives", {}).items():
       if ([c["setting"] for c in entry["candidates"]]
-          != candidates(objective, base, regime.candidates)):
+          != plan.candidates(objective, base, regime.candidates)):
         refuse(f"the tuning candidates of {objective} differ")
   if "runs" in results:
     return results["runs"]
@@ -217,17 +109,17 @@ def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
         for seed, v in zip(results["protocol"]["tuning_seeds"],
                            candidate["validation_accuracy"]):
           if v is not None:
-            out[Run(name, "tune", objective, k, seed).key] = {
+            out[plan.Run(name, "tune", objective, k, seed).key] = {
                 "best_validation_accuracy": v}
       for r in entry["confirm"] or []:
-        out[Run(name, "confirm", objective, None, r["seed"]).key] = r
+        out[plan.Run(name, "confirm", objective, None, r["seed"]).key] = r
     widths = results["protocol"].get("capacity", {}).get("widths", [])
     for w, cell in row.get("capacity", {}).items():
       if float(w) not in widths:
         continue  # the base width: its runs are confirmation runs
       for objective, runs in cell["runs"].items():
         for r in runs or []:
-          out[Run(name, "capacity", objective, None, r["seed"],
+          out[plan.Run(name, "capacity", objective, None, r["seed"],
                   float(w)).key] = r
   return {k: {f: v for f, v in r.items() if f != "seed"} for k, r in out.items()}
 
@@ -235,21 +127,21 @@ def load_recorded(path, base, regimes) -> dict[str, dict[str, Any]]:
 # ``finished(run)``: a finished run's values or None. While training, each
 # call reads the run's folder (runs finish as the loop goes); the results
 # read every folder once, into the ledger, and look runs up there.
-Finished = Callable[[Run], "dict[str, Any] | None"]
+Finished = Callable[[plan.Run], "dict[str, Any] | None"]
 
 
 def _reader(out, recorded) -> Finished:
   return lambda run: _record(out, run, recorded or {})
 
 
-def _tuning_values(finished: Finished, regime: Regime, objective: str
+def _tuning_values(finished: Finished, regime: plan.Regime, objective: str
                    ) -> list[list]:
   """Each candidate's best validation accuracies (None: not finished)."""
   def validation(run):
     r = finished(run)
     return None if r is None else r["best_validation_accuracy"]
-  return [[validation(Run(regime.name, "tune", objective, k, s))
-           for s in TUNING_SEEDS] for k in range(regime.candidates)]
+  return [[validation(plan.Run(regime.name, "tune", objective, k, s))
+           for s in plan.TUNING_SEEDS] for k in range(regime.candidates)]
 
 
 def _choice(values: list[list]) -> int | None:
@@ -258,17 +150,18 @@ def _choice(values: list[list]) -> int | None:
   return int(np.argmax([float(np.mean(v)) for v in values]))  # first of ties
 
 
-def choose(out, regime: Regime, objective: str, recorded=None) -> int | None:
+def choose(out, regime: plan.Regime, objective: str, recorded=None
+           ) -> int | None:
   """The chosen candidate (validation only), or None until tuning is done."""
   return _choice(_tuning_values(_reader(out, recorded), regime, objective))
 
 
-def _train(out, config, run: Run) -> None:
+def _train(out, config, run: plan.Run) -> None:
   compare.train_all(config, run.folder(out).parent.parent, [run.objective],
                     [run.seed])
 
 
-def run_verdict(base, workdir: str, regimes: list[Regime],
+def run_verdict(base, workdir: str, regimes: list[plan.Regime],
                 objectives=config_lib.COMPARED_OBJECTIVES,
                 shard: tuple[int, int] | None = None, *,
                 train: bool = True, widths: tuple[float, ...] = (),
@@ -283,7 +176,7 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   results: others return None. ``train=False`` trains nothing and writes
   what is finished so far (``complete`` false until every run is).
   ``widths``: the capacity analysis's width multipliers, trained after a
-  regime's confirmation (CE and CE+Gini+KL, :data:`CAPACITY_SEEDS`).
+  regime's confirmation (CE and CE+Gini+KL, :data:`plan.CAPACITY_SEEDS`).
   ``recorded`` (:func:`load_recorded`): runs finished elsewhere, which
   are neither trained again nor need their folders."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
@@ -293,19 +186,20 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   if len({r.candidates for r in regimes}) != 1:
     raise ConfigError("one command tunes every regime with the same number of "
                       f"candidates, got {[r.candidates for r in regimes]}")
-  if widths and not set(CAPACITY_OBJECTIVES) <= set(objectives):
-    raise ConfigError(f"--capacity compares {' and '.join(CAPACITY_OBJECTIVES)}: "
+  if widths and not set(plan.CAPACITY_OBJECTIVES) <= set(objectives):
+    raise ConfigError("--capacity compares "
+                      f"{' and '.join(plan.CAPACITY_OBJECTIVES)}: "
                       f"--objectives must include both, got {list(objectives)}")
   out = epath.Path(workdir)
   recorded = recorded or {}
   num_classes = runtime.load_dataset_of(base).num_classes
-  configs = {r.name: regime_config(base, r, num_classes) for r in regimes}
+  configs = {r.name: plan.regime_config(base, r, num_classes) for r in regimes}
   by_name = {r.name: r for r in regimes}
   out.mkdir(parents=True, exist_ok=True)
   for regime in regimes if train else []:  # one regime, then the next
-    runs = (tuning_runs([regime], objectives)
-            + confirm_runs([regime], objectives)
-            + capacity_runs([regime], widths))
+    runs = (plan.tuning_runs([regime], objectives)
+            + plan.confirm_runs([regime], objectives)
+            + plan.capacity_runs([regime], widths))
     for run in study.shard_of(runs, shard):
       if _record(out, run, recorded) is not None:
         continue
@@ -316,11 +210,12 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
           logging.info("%s: tuning of %s not finished; its confirmation waits",
                        run.regime, run.objective)
           continue
-      setting = candidates(run.objective, base, by_name[run.regime].candidates)[k]
+      setting = plan.candidates(run.objective, base,
+                                by_name[run.regime].candidates)[k]
       logging.info("%s %s %s candidate %d seed %d%s: %s", run.regime, phase,
                    run.objective, k, run.seed,
                    "" if run.width is None else f" width {run.width:g}", setting)
-      _train(out, run_config(configs[run.regime], run, setting), run)
+      _train(out, plan.run_config(configs[run.regime], run, setting), run)
   results = summarize(out, base, regimes, objectives, widths, recorded)
   if shard is not None and train and not results["complete"]:
     return None  # the shard that finishes the last run writes the results
@@ -331,12 +226,12 @@ def run_verdict(base, workdir: str, regimes: list[Regime],
   return results
 
 
-def _confirmed(finished: Finished, regime: Regime, objective: str, seeds=None,
-               width: float | None = None) -> list[dict[str, Any]] | None:
+def _confirmed(finished: Finished, regime: plan.Regime, objective: str,
+               seeds=None, width: float | None = None) -> list[dict[str, Any]] | None:
   runs = []
   phase = "confirm" if width is None else "capacity"
-  for seed in FRESH_SEEDS if seeds is None else seeds:
-    r = finished(Run(regime.name, phase, objective, None, seed, width))
+  for seed in plan.FRESH_SEEDS if seeds is None else seeds:
+    r = finished(plan.Run(regime.name, phase, objective, None, seed, width))
     if r is None:
       return None
     runs.append({"seed": seed, **{f: r[f] for f in (
@@ -363,24 +258,25 @@ def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
           "plateaued": gain < PLATEAU_POINTS, "rule_points": PLATEAU_POINTS}
 
 
-def _capacity(finished: Finished, base, regime: Regime, row, widths
+def _capacity(finished: Finished, base, regime: plan.Regime, row, widths
               ) -> dict[str, Any]:
   """Per width (the base width from the confirmation runs): CE's and the
-  loss's runs on :data:`CAPACITY_SEEDS` and their paired comparison, with
+  loss's runs on :data:`plan.CAPACITY_SEEDS` and their paired comparison, with
   Holm over the widths once all are in."""
   base_width = float(base.model_kwargs.get("width_multiplier", 1.0))
   table = {}
   for w in (base_width, *widths):
     runs = {}
-    for o in CAPACITY_OBJECTIVES:
+    for o in plan.CAPACITY_OBJECTIVES:
       if w == base_width:
         confirmed = row["objectives"][o]["confirm"]
-        runs[o] = confirmed and [r for r in confirmed if r["seed"] in CAPACITY_SEEDS]
+        runs[o] = confirmed and [r for r in confirmed
+                                 if r["seed"] in plan.CAPACITY_SEEDS]
       else:
-        runs[o] = _confirmed(finished, regime, o, CAPACITY_SEEDS, w)
+        runs[o] = _confirmed(finished, regime, o, plan.CAPACITY_SEEDS, w)
     entry = table[f"{w:g}"] = {"runs": runs}
     if all(runs.values()):
-      ce, loss = (runs[o] for o in CAPACITY_OBJECTIVES)
+      ce, loss = (runs[o] for o in plan.CAPACITY_OBJECTIVES)
       entry["test_accuracy"] = stats_lib.paired(
           [r["test_accuracy"] for r in loss], [r["test_accuracy"] for r in ce])
   done = [e["test_accuracy"] for e in table.values() if "test_accuracy" in e]
@@ -410,7 +306,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
       entry = {"candidates": [
           {"setting": setting, "validation_accuracy": v}
           for setting, v in zip(
-              candidates(objective, base, regime.candidates), values)],
+              plan.candidates(objective, base, regime.candidates), values)],
                "chosen": _choice(values)}
       entry["confirm"] = (_confirmed(finished, regime, objective)
                           if entry["chosen"] is not None else None)
@@ -448,14 +344,14 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
                              for e in row.get("capacity", {}).values())
   return {"complete": complete,
           "protocol": {"candidates": regimes[0].candidates,
-                       "tuning_seeds": list(TUNING_SEEDS),
-                       "fresh_seeds": list(FRESH_SEEDS),
-                       "search": {k: list(v) for k, v in SEARCH.items()},
+                       "tuning_seeds": list(plan.TUNING_SEEDS),
+                       "fresh_seeds": list(plan.FRESH_SEEDS),
+                       "search": {k: list(v) for k, v in plan.SEARCH.items()},
                        "term_weights": "0.1x to 10x the default, log-uniform",
                        "choice": "highest mean best validation accuracy",
                        "holm_family": len(family),
                        **({"capacity": {"widths": list(widths),
-                                        "seeds": list(CAPACITY_SEEDS)}}
+                                        "seeds": list(plan.CAPACITY_SEEDS)}}
                           if widths else {})},
           "base": config_lib.identity(base),
           "regimes": rows,
@@ -463,9 +359,10 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
 
 
 def _ledger(out, regimes, objectives, widths, recorded) -> dict[str, Any]:
-  """Every finished run's values by :attr:`Run.key`, including those whose
+  """Every finished run's values by :attr:`plan.Run.key`, including those whose
   regime or objective is not complete yet."""
-  runs = (tuning_runs(regimes, objectives) + confirm_runs(regimes, objectives)
-          + capacity_runs(regimes, widths))
+  runs = (plan.tuning_runs(regimes, objectives)
+          + plan.confirm_runs(regimes, objectives)
+          + plan.capacity_runs(regimes, widths))
   found = {run.key: _record(out, run, recorded) for run in runs}
   return {k: v for k, v in found.items() if v is not None}

@@ -56,7 +56,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from discrim_jax import config_lib, study, verdict, verdict_report  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from discrim_jax import config_lib, study, verdict, verdict_plan, verdict_report
 
   def regimes():
     try:
@@ -71,11 +72,11 @@ def main(argv):
       raise config_lib.ConfigError(
           f"--candidates={_CANDIDATES.value} must be at least 1 (the defaults), "
           "e.g. --candidates=4")
-    return [verdict.Regime(f"{n}_per_class", n, _STEPS.value, _BATCH.value,
+    return [verdict_plan.Regime(f"{n}_per_class", n, _STEPS.value, _BATCH.value,
                            _CANDIDATES.value) for n in sizes]
 
   if run_with_one_line_errors(lambda: cli.dry_run("verdict", [
-      verdict.regime_config(_CONFIG.value, r, 10) for r in regimes()])):
+      verdict_plan.regime_config(_CONFIG.value, r, 10) for r in regimes()])):
     return
   shard = run_with_one_line_errors(lambda: study.parse_shard(_SHARD.value))
   objectives = tuple(_OBJECTIVES.value or config_lib.COMPARED_OBJECTIVES)

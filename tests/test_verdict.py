@@ -10,37 +10,38 @@ import pytest
 from discrim_jax import config_lib
 from discrim_jax import stats
 from discrim_jax import verdict
+from discrim_jax import verdict_plan
 from discrim_jax import workdir as workdir_lib
 
 
 def test_every_objective_gets_the_same_budget_over_its_own_knobs(smoke_config):
   base = smoke_config()
   for objective in config_lib.COMPARED_OBJECTIVES:
-    tried = verdict.candidates(objective, base)
-    assert len(tried) == verdict.NUM_CANDIDATES, objective
+    tried = verdict_plan.candidates(objective, base)
+    assert len(tried) == verdict_plan.NUM_CANDIDATES, objective
     assert tried[0]["optimizer.lr"] == base.optimizer.lr  # the defaults first
     assert len({json.dumps(t, sort_keys=True) for t in tried}) == len(tried)
     # Drawn, not fixed: every candidate inside its range.
     for t in tried[1:]:
       assert 0.03 <= t["optimizer.lr"] <= 0.3
       assert 1e-4 <= t["optimizer.weight_decay"] <= 3e-3
-  assert set(verdict.candidates("ce", base)[0]) == set(verdict.SEARCH)
-  weights = verdict.candidates("gini_kl", base)
+  assert set(verdict_plan.candidates("ce", base)[0]) == set(verdict_plan.SEARCH)
+  weights = verdict_plan.candidates("gini_kl", base)
   for t in weights[1:]:
     assert 0.1 * base.loss.lambda_gini <= t["loss.lambda_gini"] <= 10 * base.loss.lambda_gini
   # The same draw in every process (a study resumed elsewhere), and a
   # smaller budget tries the first settings of the same draw.
-  assert verdict.candidates("opl", base) == verdict.candidates("opl", base)
-  assert verdict.candidates("opl", base, 3) == verdict.candidates("opl", base)[:3]
-  assert not set(verdict.FRESH_SEEDS) & set(verdict.TUNING_SEEDS)
+  assert verdict_plan.candidates("opl", base) == verdict_plan.candidates("opl", base)
+  assert verdict_plan.candidates("opl", base, 3) == verdict_plan.candidates("opl", base)[:3]
+  assert not set(verdict_plan.FRESH_SEEDS) & set(verdict_plan.TUNING_SEEDS)
 
 
 def test_the_choice_waits_for_every_tuning_run_and_reads_validation_only(
     tmp_path):
-  regime = verdict.Regime("20_per_class", per_class=20)
+  regime = verdict_plan.Regime("20_per_class", per_class=20)
 
   def finish(k, seed, validation, test):
-    folder = verdict.Run(regime.name, "tune", "opl", k, seed).folder(tmp_path)
+    folder = verdict_plan.Run(regime.name, "tune", "opl", k, seed).folder(tmp_path)
     folder.mkdir(parents=True)
     workdir_lib.write_summary(folder, {"best_validation_accuracy": validation,
                                        "test_accuracy": test})
@@ -58,7 +59,7 @@ def test_the_choice_waits_for_every_tuning_run_and_reads_validation_only(
   # Every mean 0.625: the tie goes to the lowest index; then a higher mean
   # wins, whatever the test accuracy says.
   assert verdict.choose(tmp_path, regime, "opl") == 0
-  folder = verdict.Run(regime.name, "tune", "opl", 3, 1).folder(tmp_path)
+  folder = verdict_plan.Run(regime.name, "tune", "opl", 3, 1).folder(tmp_path)
   workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.875,
                                      "test_accuracy": 0.0})
   assert verdict.choose(tmp_path, regime, "opl") == 3
@@ -66,10 +67,10 @@ def test_the_choice_waits_for_every_tuning_run_and_reads_validation_only(
 
 def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_path,
                                                       monkeypatch, smoke_config):
-  monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101))
+  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101))
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20,
+  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
                           candidates=2)
   objectives = ("ce", "gini_kl")
   results = verdict.run_verdict(base, str(tmp_path), [regime], objectives)
@@ -80,7 +81,7 @@ def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_pat
     assert entry["chosen"] == int(np.argmax(means))
     assert [r["seed"] for r in entry["confirm"]] == [100, 101]
     # The confirmation trained the chosen setting.
-    run = verdict.Run("4_per_class", "confirm", objective, None, 100)
+    run = verdict_plan.Run("4_per_class", "confirm", objective, None, 100)
     config = json.loads((run.folder(tmp_path) / "config.json").read_text())
     chosen = entry["candidates"][entry["chosen"]]["setting"]
     assert config["optimizer"]["lr"] == chosen["optimizer.lr"]  # JSON keeps floats
@@ -148,14 +149,14 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   are done while another's are not writes nothing."""
   from statsmodels.stats.multitest import multipletests  # pylint: disable=g-import-not-at-top
   from discrim_jax import study  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102, 103, 104))
+  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101, 102, 103, 104))
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20,
+  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
                           candidates=1)
   objectives = ("ce", "gini_kl", "opl")
-  runs = (verdict.tuning_runs([regime], objectives)
-          + verdict.confirm_runs([regime], objectives))
+  runs = (verdict_plan.tuning_runs([regime], objectives)
+          + verdict_plan.confirm_runs([regime], objectives))
   last = study.shard_of(runs, (1, 2))[-1]
   assert last.objective == "opl" and last.phase == "confirm"
   # Binary fractions (exact in float64), a different gap per objective.
@@ -203,17 +204,17 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   at each width (the base width from the confirmation runs of the first
   seeds), Holm over the widths; a capacity run trains its objective's
   chosen setting at its width."""
-  monkeypatch.setattr(verdict, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict, "FRESH_SEEDS", (100, 101, 102, 103))
-  monkeypatch.setattr(verdict, "CAPACITY_SEEDS", (100, 101, 102))
+  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101, 102, 103))
+  monkeypatch.setattr(verdict_plan, "CAPACITY_SEEDS", (100, 101, 102))
   base = smoke_config(data_dir=fashion_data_dir)
   base_width = base.model_kwargs.width_multiplier
-  regime = verdict.Regime("4_per_class", per_class=4, steps=4, batch=20,
+  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
                           candidates=1)
   objectives = ("ce", "gini_kl")
-  runs = (verdict.tuning_runs([regime], objectives)
-          + verdict.confirm_runs([regime], objectives)
-          + verdict.capacity_runs([regime], (0.5,)))
+  runs = (verdict_plan.tuning_runs([regime], objectives)
+          + verdict_plan.confirm_runs([regime], objectives)
+          + verdict_plan.capacity_runs([regime], (0.5,)))
   assert {(r.width, r.seed) for r in runs if r.phase == "capacity"} == {
       (0.5, s) for s in (100, 101, 102)}
   gap = {None: 0.0625, 0.5: -0.125}  # the loss's gain at each width (exact)
@@ -236,8 +237,8 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   assert table["0.5"]["test_accuracy"]["diff_to_ce_mean"] == -0.125
   assert all(e["test_accuracy"]["p_holm"] is not None for e in table.values())
   assert "| 0.5 |" in (tmp_path / "verdict.md").read_text()
-  run = verdict.capacity_runs([regime], (0.5,))[0]
-  config = verdict.run_config(base, run, {"optimizer.lr": 0.25})
+  run = verdict_plan.capacity_runs([regime], (0.5,))[0]
+  config = verdict_plan.run_config(base, run, {"optimizer.lr": 0.25})
   assert config.model_kwargs.width_multiplier == 0.5 and config.optimizer.lr == 0.25
 
 
@@ -277,7 +278,7 @@ def test_committed_results_recompute_from_their_per_seed_values():
   assert checked >= 4
   # It resumes its own command (--recorded), and only that one.
   from experiments.configs import fashion_mnist  # pylint: disable=g-import-not-at-top
-  regimes = [verdict.Regime(f"{n}_per_class", n, 600, 100) for n in (20, 500)]
+  regimes = [verdict_plan.Regime(f"{n}_per_class", n, 600, 100) for n in (20, 500)]
   assert verdict.load_recorded(path, fashion_mnist.get_config(), regimes) == results["runs"]
   with pytest.raises(config_lib.ConfigError, match="20_per_class is"):
     verdict.load_recorded(path, fashion_mnist.get_config(),
