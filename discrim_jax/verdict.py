@@ -161,6 +161,37 @@ def _train(out, config, run: plan.Run) -> None:
                     [run.seed])
 
 
+def _train_missing(out, base, regime: plan.Regime, config, runs, recorded
+                   ) -> int:
+  """Trains each of ``runs`` that is neither finished nor being trained by
+  another process (its folder's lock), nor waiting on its objective's
+  tuning; returns how many it trained."""
+  trained = 0
+  for run in runs:
+    if _record(out, run, recorded) is not None:
+      continue
+    k = run.candidate
+    if run.phase != "tune":
+      k = choose(out, regime, run.objective, recorded)
+      if k is None:
+        logging.info("%s: tuning of %s not finished; its confirmation waits",
+                     run.regime, run.objective)
+        continue
+    setting = plan.candidates(run.objective, base, regime.candidates)[k]
+    folder = run.folder(out)
+    try:
+      with workdir_lib.locked(folder):  # the same lock as the run's own
+        if workdir_lib.finished(folder):
+          continue  # another process finished it since
+        logging.info("%s candidate %d: %s", run.key, k, setting)
+        _train(out, plan.run_config(config, run, setting), run)
+    except workdir_lib.WorkdirBusy:
+      logging.info("%s: another process is training it; skipped", run.key)
+      continue
+    trained += 1
+  return trained
+
+
 def run_verdict(base, workdir: str, regimes: list[plan.Regime],
                 objectives=config_lib.COMPARED_OBJECTIVES,
                 shard: tuple[int, int] | None = None, *,
@@ -170,10 +201,11 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   """Trains what is missing (tuning first, then each objective's chosen
   setting on the fresh seeds), then writes ``verdict.json``,
   ``verdict.md`` and the figures, and returns the results. With
-  ``shard=(i, n)`` trains every n-th missing run from the i-th; a shard
-  that finds confirmation waiting on another's tuning stops (rerunning it
-  later goes on), and only a shard that finds every run finished writes the
-  results: others return None. ``train=False`` trains nothing and writes
+  ``shard=(i, n)`` trains every n-th missing run from the i-th, then any
+  other that no process has started (a shard done early helps the others),
+  and passes again while it finds runs to train (confirmation runs wait on
+  their objective's tuning); only a shard that finds every run finished
+  writes the results: others return None. ``train=False`` trains nothing and writes
   what is finished so far (``complete`` false until every run is).
   ``widths``: the capacity analysis's width multipliers, trained after a
   regime's confirmation (CE and CE+Gini+KL, :data:`plan.CAPACITY_SEEDS`).
@@ -194,28 +226,16 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   recorded = recorded or {}
   num_classes = runtime.load_dataset_of(base).num_classes
   configs = {r.name: plan.regime_config(base, r, num_classes) for r in regimes}
-  by_name = {r.name: r for r in regimes}
   out.mkdir(parents=True, exist_ok=True)
   for regime in regimes if train else []:  # one regime, then the next
     runs = (plan.tuning_runs([regime], objectives)
             + plan.confirm_runs([regime], objectives)
             + plan.capacity_runs([regime], widths))
-    for run in study.shard_of(runs, shard):
-      if _record(out, run, recorded) is not None:
-        continue
-      k, phase = run.candidate, run.phase
-      if phase != "tune":
-        k = choose(out, by_name[run.regime], run.objective, recorded)
-        if k is None:
-          logging.info("%s: tuning of %s not finished; its confirmation waits",
-                       run.regime, run.objective)
-          continue
-      setting = plan.candidates(run.objective, base,
-                                by_name[run.regime].candidates)[k]
-      logging.info("%s %s %s candidate %d seed %d%s: %s", run.regime, phase,
-                   run.objective, k, run.seed,
-                   "" if run.width is None else f" width {run.width:g}", setting)
-      _train(out, plan.run_config(configs[run.regime], run, setting), run)
+    mine = study.shard_of(runs, shard)
+    order = mine + [r for r in runs if r not in mine]
+    while _train_missing(out, base, regime, configs[regime.name], order,
+                         recorded):
+      pass  # again: confirmation runs that waited on tuning may be ready
   results = summarize(out, base, regimes, objectives, widths, recorded)
   if shard is not None and train and not results["complete"]:
     return None  # the shard that finishes the last run writes the results

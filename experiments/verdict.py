@@ -8,8 +8,8 @@ chosen setting is then trained on 10 fresh seeds, and only those runs are
 compared with tuned CE (paired intervals, Holm over every comparison). See
 discrim_jax/verdict.py for the protocol. Finished runs are never redone:
 rerun the command to resume. --shard=I/N divides the runs between processes
-(a SLURM job array); a shard whose confirmation waits on another's tuning
-stops, and its rerun goes on; the shard that finishes the last run writes the
+(a SLURM job array); a shard done with its own runs trains any other that
+no process has started, and the shard that finishes the last run writes the
 results. --report writes what is finished so far without training.
 --recorded=PATH counts the runs an earlier verdict.json records as finished
 (its "runs" ledger), so a wiped workdir resumes from the committed results.

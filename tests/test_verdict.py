@@ -3,6 +3,8 @@ validation only, fresh seeds for the comparison, Holm over the family."""
 
 import dataclasses
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -145,15 +147,15 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
     fashion_data_dir, tmp_path, monkeypatch, smoke_config):
   """Finished runs written by hand (nothing trains): with one comparison of
   the declared family missing, a p-value is Bonferroni's over the whole
-  family and the results say they are incomplete; a shard whose own runs
-  are done while another's are not writes nothing."""
+  family and the results say they are incomplete; a shard whose runs are
+  done while another process trains the last one writes nothing."""
   from statsmodels.stats.multitest import multipletests  # pylint: disable=g-import-not-at-top
   from discrim_jax import study  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
   monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101, 102, 103, 104))
   base = smoke_config(data_dir=fashion_data_dir)
   regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
-                          candidates=1)
+                               candidates=1)
   objectives = ("ce", "gini_kl", "opl")
   runs = (verdict_plan.tuning_runs([regime], objectives)
           + verdict_plan.confirm_runs([regime], objectives))
@@ -173,6 +175,11 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
     if run != last:
       workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.5,
                                          "test_accuracy": test})
+  # The other shard is training the last run: its folder's lock is held by
+  # a live process on this host (pytest's parent).
+  lock = last.folder(tmp_path) / workdir_lib.LOCK
+  lock.write_text(json.dumps({"host": socket.gethostname(),
+                              "pid": os.getppid(), "since": "now"}))
   assert verdict.run_verdict(base, str(tmp_path), [regime], objectives,
                              (0, 2)) is None
   assert not (tmp_path / "verdict.json").exists()
@@ -184,6 +191,7 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   assert "Not complete" in (tmp_path / "verdict.md").read_text()
   workdir_lib.write_summary(last.folder(tmp_path), {
       "best_validation_accuracy": 0.5, "test_accuracy": 0.5 - 0.03125})
+  lock.unlink()  # that shard's run ended
   whole = verdict.run_verdict(base, str(tmp_path), [regime], objectives, (0, 2))
   assert whole["complete"] and json.loads(
       (tmp_path / "verdict.json").read_text())["complete"]
@@ -198,6 +206,45 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
       multipletests(ps, method="holm")[1])
 
 
+def test_a_shard_done_early_trains_the_runs_nobody_has_started(
+    fashion_data_dir, tmp_path, monkeypatch, smoke_config):
+  """Training faked (nothing trains): shard 0 of 2 trains its own runs, then
+  shard 1's, except one whose folder a live process holds; with that run
+  missing it writes no results, and it never trains a run twice."""
+  from discrim_jax import compare  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101))
+  base = smoke_config(data_dir=fashion_data_dir)
+  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
+                               candidates=1)
+  objectives = ("ce", "gini_kl")
+  runs = (verdict_plan.tuning_runs([regime], objectives)
+          + verdict_plan.confirm_runs([regime], objectives))
+  trained = []
+
+  def train_all(config, workdir, objectives_, seeds):
+    del config
+    (objective,), (seed,) = objectives_, seeds
+    folder = workdir_lib.run_dir(workdir, objective, seed)
+    trained.append(folder.relative_to(tmp_path).as_posix())
+    (folder / "metrics.jsonl").write_text(json.dumps(
+        {"step": 4, "split": "validation", "accuracy": 0.5}) + "\n")
+    workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.5,
+                                       "test_accuracy": 0.5})
+
+  monkeypatch.setattr(compare, "train_all", train_all)
+  busy = runs[-1]  # shard 1's (6 runs: the last is the 2nd shard's)
+  assert busy not in verdict.study.shard_of(runs, (0, 2))
+  busy.folder(tmp_path).mkdir(parents=True)
+  # Held by a live process on this host: pytest's parent.
+  (busy.folder(tmp_path) / workdir_lib.LOCK).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": os.getppid(), "since": "now"}))
+  assert verdict.run_verdict(base, str(tmp_path), [regime], objectives,
+                             (0, 2)) is None
+  assert sorted(trained) == sorted(r.key for r in runs[:-1])
+  assert not (tmp_path / "verdict.json").exists()
+
+
 def test_capacity_pairs_the_tuned_settings_at_each_width(
     fashion_data_dir, tmp_path, monkeypatch, smoke_config):
   """Finished runs written by hand: the capacity table pairs CE and the loss
@@ -210,7 +257,7 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   base = smoke_config(data_dir=fashion_data_dir)
   base_width = base.model_kwargs.width_multiplier
   regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
-                          candidates=1)
+                               candidates=1)
   objectives = ("ce", "gini_kl")
   runs = (verdict_plan.tuning_runs([regime], objectives)
           + verdict_plan.confirm_runs([regime], objectives)
