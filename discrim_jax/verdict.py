@@ -306,6 +306,32 @@ def _capacity(finished: Finished, base, regime: plan.Regime, row, widths
   return table
 
 
+def _correct(rows, objectives) -> tuple[int, bool]:
+  """Adds each finished primary comparison's corrected p-value and
+  simultaneous interval; returns the family's size and whether all of it
+  is in."""
+  # The family, declared before any result: every objective against CE in
+  # every regime. Holm needs all of its p-values; until they are in, each
+  # comparison gets Bonferroni's p over the whole family, which bounds its
+  # Holm p from above.
+  family = [(r, o) for r in rows for o in objectives if o != "ce"]
+  done = [(r, o) for r, o in family if "test_accuracy" in rows[r]["objectives"][o]]
+  primary = len(done) == len(family) and all(
+      e["confirm"] for row in rows.values() for e in row["objectives"].values())
+  ps = [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in done]
+  adjusted = (stats_lib.holm(ps) if primary
+              else [None if p is None else min(1.0, len(family) * p) for p in ps])
+  for (r, o), p in zip(done, adjusted):
+    entry = rows[r]["objectives"][o]
+    entry["test_accuracy"]["p_holm" if primary else "p_bonferroni"] = p
+    # Bonferroni's simultaneous interval over the family (Holm's first step).
+    ce = rows[r]["objectives"]["ce"]["confirm"]
+    entry["simultaneous_ci"] = stats_lib.t_interval(
+        [a["test_accuracy"] - b["test_accuracy"]
+         for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
+  return len(family), primary
+
+
 def summarize(out, base, regimes, objectives, widths=(), recorded=None
               ) -> dict[str, Any]:
   """Per regime and objective: every candidate's validation accuracies, the
@@ -338,25 +364,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
         entry["test_accuracy"] = stats_lib.paired(
             [r["test_accuracy"] for r in entry["confirm"]],
             [r["test_accuracy"] for r in ce])
-  # The family, declared before any result: every objective against CE in
-  # every regime. Holm needs all of its p-values; until they are in, each
-  # comparison gets Bonferroni's p over the whole family, which bounds its
-  # Holm p from above.
-  family = [(r, o) for r in rows for o in objectives if o != "ce"]
-  done = [(r, o) for r, o in family if "test_accuracy" in rows[r]["objectives"][o]]
-  primary = len(done) == len(family) and all(
-      e["confirm"] for row in rows.values() for e in row["objectives"].values())
-  ps = [rows[r]["objectives"][o]["test_accuracy"]["p_t"] for r, o in done]
-  adjusted = (stats_lib.holm(ps) if primary
-              else [None if p is None else min(1.0, len(family) * p) for p in ps])
-  for (r, o), p in zip(done, adjusted):
-    entry = rows[r]["objectives"][o]
-    entry["test_accuracy"]["p_holm" if primary else "p_bonferroni"] = p
-    # Bonferroni's simultaneous interval over the family (Holm's first step).
-    ce = rows[r]["objectives"]["ce"]["confirm"]
-    entry["simultaneous_ci"] = stats_lib.t_interval(
-        [a["test_accuracy"] - b["test_accuracy"]
-         for a, b in zip(entry["confirm"], ce)], 1 - 0.05 / len(family))
+  family, primary = _correct(rows, objectives)
   for regime in regimes if widths else []:
     rows[regime.name]["capacity"] = _capacity(finished, base, regime,
                                               rows[regime.name], widths)
@@ -369,7 +377,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
                        "search": {k: list(v) for k, v in plan.SEARCH.items()},
                        "term_weights": "0.1x to 10x the default, log-uniform",
                        "choice": "highest mean best validation accuracy",
-                       "holm_family": len(family),
+                       "holm_family": family,
                        **({"capacity": {"widths": list(widths),
                                         "seeds": list(plan.CAPACITY_SEEDS)}}
                           if widths else {})},
