@@ -67,13 +67,19 @@ def test_the_choice_waits_for_every_tuning_run_and_reads_validation_only(
   assert verdict.choose(tmp_path, regime, "opl") == 3
 
 
+def _tiny(monkeypatch, fresh_seeds, candidates=1):
+  """A protocol small enough to run here: one tuning seed, ``fresh_seeds``,
+  4 images per class for 4 steps of 20; the regime."""
+  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
+  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", tuple(fresh_seeds))
+  return verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
+                             candidates=candidates)
+
+
 def test_tunes_on_validation_then_compares_fresh_seeds(fashion_data_dir, tmp_path,
                                                       monkeypatch, smoke_config):
-  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101))
+  regime = _tiny(monkeypatch, (100, 101), candidates=2)
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
-                          candidates=2)
   objectives = ("ce", "gini_kl")
   results = verdict.run_verdict(base, str(tmp_path), [regime], objectives)
   row = results["regimes"]["4_per_class"]["objectives"]
@@ -151,11 +157,8 @@ def test_holm_waits_for_the_whole_family_and_only_the_last_shard_writes(
   done while another process trains the last one writes nothing."""
   from statsmodels.stats.multitest import multipletests  # pylint: disable=g-import-not-at-top
   from discrim_jax import study  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101, 102, 103, 104))
+  regime = _tiny(monkeypatch, (100, 101, 102, 103, 104))
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
-                               candidates=1)
   objectives = ("ce", "gini_kl", "opl")
   runs = (verdict_plan.tuning_runs([regime], objectives)
           + verdict_plan.confirm_runs([regime], objectives))
@@ -212,11 +215,8 @@ def test_a_shard_done_early_trains_the_runs_nobody_has_started(
   shard 1's, except one whose folder a live process holds; with that run
   missing it writes no results, and it never trains a run twice."""
   from discrim_jax import compare  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101))
+  regime = _tiny(monkeypatch, (100, 101))
   base = smoke_config(data_dir=fashion_data_dir)
-  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
-                               candidates=1)
   objectives = ("ce", "gini_kl")
   runs = (verdict_plan.tuning_runs([regime], objectives)
           + verdict_plan.confirm_runs([regime], objectives))
@@ -251,13 +251,10 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   at each width (the base width from the confirmation runs of the first
   seeds), Holm over the widths; a capacity run trains its objective's
   chosen setting at its width."""
-  monkeypatch.setattr(verdict_plan, "TUNING_SEEDS", (0,))
-  monkeypatch.setattr(verdict_plan, "FRESH_SEEDS", (100, 101, 102, 103))
+  regime = _tiny(monkeypatch, (100, 101, 102, 103))
   monkeypatch.setattr(verdict_plan, "CAPACITY_SEEDS", (100, 101, 102))
   base = smoke_config(data_dir=fashion_data_dir)
   base_width = base.model_kwargs.width_multiplier
-  regime = verdict_plan.Regime("4_per_class", per_class=4, steps=4, batch=20,
-                               candidates=1)
   objectives = ("ce", "gini_kl")
   runs = (verdict_plan.tuning_runs([regime], objectives)
           + verdict_plan.confirm_runs([regime], objectives)
