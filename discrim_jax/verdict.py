@@ -25,8 +25,9 @@ runs: ``discrim_jax.verdict_plan``):
 Runs live in ``WORKDIR/REGIME/tune/cK/OBJECTIVE/seedS``,
 ``WORKDIR/REGIME/confirm/OBJECTIVE/seedS`` and (the capacity analysis)
 ``WORKDIR/REGIME/capacity/width_W/OBJECTIVE/seedS``; finished runs are
-never redone, so the whole protocol resumes by rerunning its command. ``verdict.json`` keeps
-every run's seed and accuracies, so each figure recomputes from it, and a
+never redone, so the whole protocol resumes by rerunning its command.
+``verdict.json`` keeps every run's seed and accuracies, so each figure
+recomputes from it, and a
 ledger of every finished run (``"runs"``): passed back as ``recorded``
 (:func:`load_recorded`), an earlier ``verdict.json`` stands for its runs'
 folders, so a lost or wiped workdir resumes from the committed file. Its
@@ -165,7 +166,8 @@ def _train_missing(out, base, regime: plan.Regime, config, runs, recorded
                    ) -> int:
   """Trains each of ``runs`` that is neither finished nor being trained by
   another process (its folder's lock), nor waiting on its objective's
-  tuning; returns how many it trained."""
+  tuning; returns how many it finished (another pass is worth it only then:
+  a run that ended without its summary is not tried again in a loop)."""
   trained = 0
   for run in runs:
     if _record(out, run, recorded) is not None:
@@ -188,7 +190,7 @@ def _train_missing(out, base, regime: plan.Regime, config, runs, recorded
     except workdir_lib.WorkdirBusy:
       logging.info("%s: another process is training it; skipped", run.key)
       continue
-    trained += 1
+    trained += workdir_lib.finished(folder)
   return trained
 
 
@@ -205,8 +207,9 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   other that no process has started (a shard done early helps the others),
   and passes again while it finds runs to train (confirmation runs wait on
   their objective's tuning); only a shard that finds every run finished
-  writes the results: others return None. ``train=False`` trains nothing and writes
-  what is finished so far (``complete`` false until every run is).
+  writes the results: others return None. ``train=False`` trains nothing
+  and writes what is finished so far (``complete`` false until every run
+  is).
   ``widths``: the capacity analysis's width multipliers, trained after a
   regime's confirmation (CE and CE+Gini+KL, :data:`plan.CAPACITY_SEEDS`).
   ``recorded`` (:func:`load_recorded`): runs finished elsewhere, which
@@ -247,7 +250,8 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
 
 
 def _confirmed(finished: Finished, regime: plan.Regime, objective: str,
-               seeds=None, width: float | None = None) -> list[dict[str, Any]] | None:
+               seeds=None, width: float | None = None
+               ) -> list[dict[str, Any]] | None:
   runs = []
   phase = "confirm" if width is None else "capacity"
   for seed in plan.FRESH_SEEDS if seeds is None else seeds:
