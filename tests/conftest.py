@@ -2,7 +2,6 @@
 the fixtures several test modules share (the real Fashion-MNIST, the smoke
 config)."""
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -61,47 +60,115 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.expanduser("~"), ".cache", "discrim_jax", "jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# One TFDS data folder for the whole test run, the default (TFDS_DATA_DIR)
+# of every process the suite starts: the real Fashion-MNIST is prepared
+# there once (~16 s on one core), whether a test asks for it by name
+# (`fashion_data_dir`) or trains with the default data folder, as a user's
+# first run does. Made by the first process that loads this file (pytest-
+# xdist's controller; the workers inherit it) and removed by it at the end.
+_DATA_FOLDER = "DISCRIM_JAX_TEST_DATA_FOLDER"
+_OWN_DATA_FOLDER = _DATA_FOLDER not in os.environ
+if _OWN_DATA_FOLDER:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ[_DATA_FOLDER] = tempfile.mkdtemp(prefix="discrim_jax_tests_")
+os.environ["TFDS_DATA_DIR"] = os.environ[_DATA_FOLDER]
+
 import pytest  # noqa: E402
+
+
+# Under pytest-xdist the controller, which runs no test, starts preparing
+# Fashion-MNIST in a process of its own while the workers start up; the
+# app's own lock on the folder (data.tfds_access.prepare) makes any process
+# that needs it wait for it, or prepare it if that process could not.
+_PREPARE = """
+from discrim_jax.data import fashion_mnist, tfds_access
+tfds_access.prepare(fashion_mnist.DebianFashionMnist(), "fashion_mnist",
+                    download=False)
+"""
+
+
+_PREPARING = pytest.StashKey[subprocess.Popen]()
+
+
+def _xdist_controller(config) -> bool:
+  return bool(config.getoption("numprocesses", default=None)) and not (
+      os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 def pytest_configure(config):
   """torchvision's compiled ops segfault when they load after TensorFlow in
   one process (seen with torch 2.14.1 + torchvision 0.29.1 + tensorflow-cpu
   2.21), and transformers' CvT imports torchvision: every process that runs
-  tests loads them first (where they are missing, tests/test_pretrained.py
-  fails with a message saying what to install). pytest-xdist's controller
-  runs no test: it skips the 7 s this takes."""
-  if config.getoption("numprocesses", default=None) and not os.environ.get(
-      "PYTEST_XDIST_WORKER"):
+  tests loads torchvision first (transformers itself may come after
+  TensorFlow; where they are missing, tests/test_pretrained.py fails with a
+  message saying what to install). pytest-xdist's controller runs no test:
+  it skips the 4 s this takes and starts preparing Fashion-MNIST instead."""
+  if _xdist_controller(config):
+    config.stash[_PREPARING] = subprocess.Popen(
+        [sys.executable, "-c", _PREPARE], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[1]),
+                          os.environ.get("PYTHONPATH")]))))
     return
   try:
     import torchvision  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
-    import transformers.models.cvt  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
   except ImportError:
     pass
 
 
 
+def pytest_unconfigure(config):
+  """The process that made the data folder removes it once all are done."""
+  preparing = config.stash.get(_PREPARING, None)
+  if preparing is not None:
+    preparing.kill()
+    preparing.wait()
+  if _OWN_DATA_FOLDER:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(os.environ[_DATA_FOLDER], ignore_errors=True)
+
+
+# Seconds each test module took on a 2-core Intel Xeon (`pytest -n 2`, cold
+# compilation cache, 2026-12-06), used only to order them: the Makefile runs
+# pytest-xdist with --dist loadfile, which hands each worker the next whole
+# module when it is nearly done, and the longest first lets the two workers
+# finish together (a 34-s test started last had left one worker idle for
+# 29 s), except that each worker starts with a module that reads no
+# Fashion-MNIST (_FIRST), while the controller prepares it. A module missing
+# here goes last; a stale figure costs balance, never a result. Modules keep
+# their own order of tests.
+_FIRST = ("test_pretrained.py", "test_models.py")
+_MODULE_SECONDS = {
+    "test_train.py": 168, "test_data_sources.py": 84, "test_faults.py": 81,
+    "test_cli.py": 56, "test_pretrained.py": 52, "test_study.py": 52,
+    "test_runtime.py": 47, "test_checkpoints.py": 44, "test_compare.py": 43,
+    "test_verdict.py": 43, "test_bench.py": 40, "test_models.py": 40,
+    "test_docs.py": 36, "test_objectives.py": 27, "test_packaging.py": 19,
+    "test_baseline_losses.py": 16, "test_losses.py": 15,
+    "test_losses_sharded.py": 13, "test_data.py": 13, "test_fonts.py": 11,
+    "test_workdir.py": 10, "test_representation.py": 8, "test_optim.py": 7,
+}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: (item.path.name not in _FIRST,
+                                -_MODULE_SECONDS.get(item.path.name, 0)))
+
+
 @pytest.fixture(scope="session")
-def fashion_data_dir(tmp_path_factory, worker_id):
-  """A TFDS data folder with the real Fashion-MNIST, prepared once per test
-  run: by the first pytest-xdist worker to get here, under a lock, in the
-  run's temporary folder that all workers share (tests only read it)."""
+def fashion_data_dir():
+  """The test run's TFDS data folder (see _DATA_FOLDER) with the real
+  Fashion-MNIST prepared in it; tests only read it."""
   from discrim_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  from discrim_jax.data import tfds_access  # pylint: disable=g-import-not-at-top
   try:
     fashion_mnist.find_files()
   except FileNotFoundError as e:
     pytest.fail(f"the real Fashion-MNIST files are needed: {e}", pytrace=False)
-  root = tmp_path_factory.getbasetemp()
-  if worker_id != "master":  # .../pytest-N/popen-gwK: share .../pytest-N
-    root = root.parent
-  path = root / "tfds_fashion_mnist"
-  with open(root / "tfds_fashion_mnist.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (path / "prepared").exists():
-      fashion_mnist.DebianFashionMnist(data_dir=str(path)).download_and_prepare()
-      (path / "prepared").touch()
-  return str(path)
+  tfds_access.prepare(fashion_mnist.DebianFashionMnist(), "fashion_mnist",
+                      download=False)
+  return os.environ["TFDS_DATA_DIR"]
 
 
 @pytest.fixture(scope="session")
