@@ -39,6 +39,8 @@ def test_fusion_barrier_switch_is_applied_once_by_build(smoke_config):
                          dataset.batch(64))
     text = program.train_step.lower(program.abstract_state, batch).as_text()
     loops[barriers] = text.count("stablehlo.while")
+    # Named after the step (in profiles and compile logs), not the wrapper.
+    assert text.startswith("module @jit_train_step"), text[:80]
   assert loops[False] == 0 and loops[True] > 0
   # The switch is the trace-time context in models.common, on by default.
   x = jax.numpy.ones(3)

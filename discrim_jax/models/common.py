@@ -61,6 +61,11 @@ def with_fusion_barriers(fn, enabled: bool):
   def wrapped(*args, **kwargs):
     with fusion_barriers(enabled):
       return fn(*args, **kwargs)
+  # A partial (the app's bound steps) has no name of its own: its function's
+  # names the jitted program in profiles and compile logs ("jit(train_step)",
+  # not "jit(wrapped)").
+  inner = getattr(fn, "func", fn)
+  wrapped.__name__ = wrapped.__qualname__ = getattr(inner, "__name__", "step")
   return wrapped
 
 
