@@ -109,9 +109,9 @@ run: setup data
 	  --workdir=workdirs/fashion_mnist_default --objectives=ce,gini_kl --seeds=1
 
 # 8 fake CPU devices exercise the multi-device paths. Each of the 2 workers
-# takes whole test modules, the longest first (tests/conftest.py).
+# takes whole test modules, the longest first (pyproject.toml, tests/conftest.py).
 test: setup-test data dejavu
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q tests
 
 # Speed figures: the train/eval steps, the losses' overhead, PyTorch side by side.
 bench: setup-test data

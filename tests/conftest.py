@@ -129,12 +129,12 @@ def pytest_unconfigure(config):
 
 
 # Seconds each test module took on a 2-core Intel Xeon (`pytest -n 2`, cold
-# compilation cache, 2026-12-06), used only to order them: the Makefile runs
-# pytest-xdist with --dist loadfile, which hands each worker the next whole
-# module when it is nearly done, and the longest first lets the two workers
-# finish together (a 34-s test started last had left one worker idle for
-# 29 s), except that each worker starts with a module that reads no
-# Fashion-MNIST (_FIRST), while the controller prepares it. A module missing
+# compilation cache, 2026-12-06), used only to order them: pytest-xdist runs
+# with --dist loadfile (pyproject.toml), which hands each worker the next
+# whole module when it is nearly done, and the longest first lets the two
+# workers finish together (a 34-s test started last had once left one worker
+# idle for 29 s), except that each worker starts with a module that reads no
+# Fashion-MNIST (_FIRST) while the controller prepares it. A module missing
 # here goes last; a stale figure costs balance, never a result. Modules keep
 # their own order of tests.
 _FIRST = ("test_pretrained.py", "test_models.py")
