@@ -106,15 +106,13 @@ def pytest_configure(config):
   if _xdist_controller(config):
     config.stash[_PREPARING] = subprocess.Popen(
         [sys.executable, "-c", _PREPARE], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [str(Path(__file__).parents[1]),
-                          os.environ.get("PYTHONPATH")]))))
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     return
   try:
     import torchvision  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
   except ImportError:
     pass
-
 
 
 def pytest_unconfigure(config):
