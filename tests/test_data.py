@@ -1,6 +1,7 @@
 """Input pipeline tests: CIFAR-100 / Caltech-101 under TFDS mock data, real Fashion-MNIST."""
 
 import itertools
+import tempfile
 import threading
 import time
 
@@ -255,16 +256,23 @@ def test_batched_read_equals_tfds_own_read(fashion_data_dir, tmp_path):
   assert tfds_access.batched_examples(dummy, "train+test", keys) is None
 
 
-def test_runs_preparing_one_folder_at_once_prepare_it_once(tmp_path):
+def test_runs_preparing_one_folder_at_once_prepare_it_once(tmp_path,
+                                                          monkeypatch):
   """Two runs that find a data set unprepared at the same moment (a
   sharded verdict's shards on a fresh machine): one prepares it, the other
   waits and reads what it wrote. Without the lock both prepare and the
   second's rename onto the first's folder fails; each preparation here
-  first sleeps 0.5 s so that both threads are past the first check."""
+  first sleeps 0.5 s so that both threads are past the first check. Each
+  run has a temporary folder of its own (as SLURM jobs on one node may):
+  the lock is the data folder's, not the temporary folder's."""
   calls, errors = [], []
+  data_dir = tmp_path / "data"
+  temp_of = {}  # a run's thread name -> its temporary folder
+  monkeypatch.setattr(tempfile, "gettempdir", lambda: str(temp_of.get(
+      threading.current_thread().name, tmp_path)))
 
   def builder():
-    b = tfds.testing.DummyMnist(data_dir=str(tmp_path))
+    b = tfds.testing.DummyMnist(data_dir=str(data_dir))
     b.READS_LOCAL_FILES = True  # prepare needs no network for it
     real = b.download_and_prepare
 
@@ -282,8 +290,11 @@ def test_runs_preparing_one_folder_at_once_prepare_it_once(tmp_path):
       errors.append(e)
 
   builders = [builder(), builder()]
-  threads = [threading.Thread(target=prepare, args=(b,)) for b in builders]
+  threads = [threading.Thread(target=prepare, args=(b,), name=f"run{i}")
+             for i, b in enumerate(builders)]
   for t in threads:
+    temp_of[t.name] = tmp_path / t.name
+    temp_of[t.name].mkdir()
     t.start()
   for t in threads:
     t.join()

@@ -169,14 +169,36 @@ def prepare(builder: Any, name: str, *, download: bool,
 
 @contextlib.contextmanager
 def _one_preparer(builder: Any):
-  """Holds a lock per prepared folder on this host: two runs starting
-  together (a sharded study, two seeds) would otherwise both prepare it,
-  and the second's rename onto the first's folder fails."""
-  key = hashlib.sha256(str(builder.data_dir).encode()).hexdigest()[:16]
-  path = os.path.join(tempfile.gettempdir(), f"discrim_jax_prepare_{key}.lock")
-  with open(path, "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    yield
+  """Holds a lock per prepared folder: two runs starting together (a
+  sharded study, two seeds) would otherwise both prepare it, and the
+  second's rename onto the first's folder fails. The lock file lives in the
+  data folder's root, so that every process preparing that folder sees it,
+  whatever its temporary folder (a SLURM job's own TMPDIR) or host (a root
+  shared over NFS, where flock is honoured); where the root is not a local
+  folder (gs://...) or takes no lock, it lives in the temporary folder, which
+  covers the processes of one host that share it."""
+  name = ("discrim_jax_prepare_"
+          f"{hashlib.sha256(str(builder.data_dir).encode()).hexdigest()[:16]}.lock")
+  root = str(builder.data_dir_root)
+  places = ([] if "://" in root else [(root, "." + name)]) + [
+      (tempfile.gettempdir(), name)]
+  for folder, file_name in places:
+    try:
+      os.makedirs(folder, exist_ok=True)
+      lock = open(os.path.join(folder, file_name), "a")  # pylint: disable=consider-using-with
+    except OSError:
+      continue
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    except OSError:  # a file system without locks
+      lock.close()
+      continue
+    with lock:
+      yield
+    return
+  raise OSError(f"cannot take a lock to prepare {builder.data_dir}: neither "
+                f"{root} nor {tempfile.gettempdir()} is writable; set TMPDIR "
+                "to a writable folder")
 
 
 def _prepare(builder: Any, name: str, *, download: bool,
