@@ -71,6 +71,14 @@ _OWN_DATA_FOLDER = _DATA_FOLDER not in os.environ
 if _OWN_DATA_FOLDER:
   import tempfile  # pylint: disable=g-import-not-at-top
   os.environ[_DATA_FOLDER] = tempfile.mkdtemp(prefix="discrim_jax_tests_")
+  # The processes the suite starts (pytest-xdist's workers, the CLI runs)
+  # keep their temporary files there too, removed with it: TFDS leaves an
+  # empty folder in the temporary folder for each builder of a data set not
+  # yet prepared, TensorFlow's autograph a file per converted function, some
+  # hundreds per run. (pytest's own tmp_path folders stay where pytest keeps
+  # them, for a failed test's files to be read.)
+  os.environ["TMPDIR"] = os.path.join(os.environ[_DATA_FOLDER], "tmp")
+  os.mkdir(os.environ["TMPDIR"])
 os.environ["TFDS_DATA_DIR"] = os.environ[_DATA_FOLDER]
 
 import pytest  # noqa: E402
