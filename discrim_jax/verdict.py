@@ -198,7 +198,8 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
                 objectives=config_lib.COMPARED_OBJECTIVES,
                 shard: tuple[int, int] | None = None, *,
                 train: bool = True, widths: tuple[float, ...] = (),
-                recorded: dict[str, Any] | None = None
+                recorded: dict[str, Any] | None = None,
+                capacity_per_class: tuple[int, ...] | None = None
                 ) -> dict[str, Any] | None:
   """Trains what is missing (tuning first, then each objective's chosen
   setting on the fresh seeds), then writes ``verdict.json``,
@@ -211,7 +212,8 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   and writes what is finished so far (``complete`` false until every run
   is).
   ``widths``: the capacity analysis's width multipliers, trained after a
-  regime's confirmation (CE and CE+Gini+KL, :data:`plan.CAPACITY_SEEDS`).
+  regime's confirmation (CE and CE+Gini+KL, :data:`plan.CAPACITY_SEEDS`),
+  in the regimes of ``capacity_per_class`` images per class (None: all).
   ``recorded`` (:func:`load_recorded`): runs finished elsewhere, which
   are neither trained again nor need their folders."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
@@ -225,6 +227,7 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
     raise ConfigError("--capacity compares "
                       f"{' and '.join(plan.CAPACITY_OBJECTIVES)}: "
                       f"--objectives must include both, got {list(objectives)}")
+  capacity = _capacity_regimes(regimes, widths, capacity_per_class)
   out = epath.Path(workdir)
   recorded = recorded or {}
   num_classes = runtime.load_dataset_of(base).num_classes
@@ -233,13 +236,14 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   for regime in regimes if train else []:  # one regime, then the next
     runs = (plan.tuning_runs([regime], objectives)
             + plan.confirm_runs([regime], objectives)
-            + plan.capacity_runs([regime], widths))
+            + plan.capacity_runs([regime], capacity.get(regime.name, ())))
     mine = study.shard_of(runs, shard)
     order = mine + [r for r in runs if r not in mine]
     while _train_missing(out, base, regime, configs[regime.name], order,
                          recorded):
       pass  # again: confirmation runs that waited on tuning may be ready
-  results = summarize(out, base, regimes, objectives, widths, recorded)
+  results = summarize(out, base, regimes, objectives, widths, recorded,
+                      capacity_per_class)
   if shard is not None and train and not results["complete"]:
     return None  # the shard that finishes the last run writes the results
   workdir_lib.write_atomically(
@@ -247,6 +251,18 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   workdir_lib.write_atomically(out / "verdict.md", verdict_report.markdown(results))
   verdict_report.plot(out, results)
   return results
+
+
+def _capacity_regimes(regimes, widths, per_class) -> dict[str, tuple[float, ...]]:
+  """``{regime name: widths}`` of the capacity analysis."""
+  sizes = [r.per_class for r in regimes]
+  if per_class is not None and not set(per_class) <= set(sizes):
+    raise ConfigError(
+        f"--capacity_per_class={','.join(map(str, per_class))} names regimes "
+        f"this command does not train; choose among --per_class="
+        f"{','.join(map(str, sizes))}")
+  return {r.name: tuple(widths) for r in regimes
+          if per_class is None or r.per_class in per_class}
 
 
 def _confirmed(finished: Finished, regime: plan.Regime, objective: str,
@@ -336,13 +352,15 @@ def _correct(rows, objectives) -> tuple[int, bool]:
   return len(family), primary
 
 
-def summarize(out, base, regimes, objectives, widths=(), recorded=None
-              ) -> dict[str, Any]:
+def summarize(out, base, regimes, objectives, widths=(), recorded=None,
+              capacity_per_class=None) -> dict[str, Any]:
   """Per regime and objective: every candidate's validation accuracies, the
   choice, the confirmation runs, and the paired comparison with CE; with
-  ``widths``, the capacity analysis; ``"runs"``, the ledger of every
+  ``widths``, the capacity analysis (of the regimes of
+  ``capacity_per_class`` images per class; None: all); ``"runs"``, the ledger of every
   finished run (:func:`load_recorded`)."""
-  ledger = _ledger(out, regimes, objectives, widths, recorded or {})
+  capacity = _capacity_regimes(regimes, widths, capacity_per_class)
+  ledger = _ledger(out, regimes, objectives, capacity, recorded or {})
 
   def finished(run):
     return ledger.get(run.key)
@@ -370,6 +388,8 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
             [r["test_accuracy"] for r in ce])
   family, primary = _correct(rows, objectives)
   for regime in regimes if widths else []:
+    if regime.name not in capacity:
+      continue
     rows[regime.name]["capacity"] = _capacity(finished, base, regime,
                                               rows[regime.name], widths)
   complete = primary and all("test_accuracy" in e for row in rows.values()
@@ -382,19 +402,24 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None
                        "term_weights": "0.1x to 10x the default, log-uniform",
                        "choice": "highest mean best validation accuracy",
                        "holm_family": family,
-                       **({"capacity": {"widths": list(widths),
-                                        "seeds": list(plan.CAPACITY_SEEDS)}}
+                       **({"capacity": {
+                           "widths": list(widths),
+                           "seeds": list(plan.CAPACITY_SEEDS),
+                           "per_class": [r.per_class for r in regimes
+                                         if r.name in capacity]}}
                           if widths else {})},
           "base": config_lib.identity(base),
           "regimes": rows,
           "runs": ledger}
 
 
-def _ledger(out, regimes, objectives, widths, recorded) -> dict[str, Any]:
+def _ledger(out, regimes, objectives, capacity, recorded) -> dict[str, Any]:
   """Every finished run's values by :attr:`plan.Run.key`, including those whose
-  regime or objective is not complete yet."""
+  regime or objective is not complete yet (``capacity``: the widths of each
+  regime's capacity analysis, by regime name)."""
   runs = (plan.tuning_runs(regimes, objectives)
           + plan.confirm_runs(regimes, objectives)
-          + plan.capacity_runs(regimes, widths))
+          + [run for r in regimes
+             for run in plan.capacity_runs([r], capacity.get(r.name, ()))])
   found = {run.key: _record(out, run, recorded) for run in runs}
   return {k: v for k, v in found.items() if v is not None}

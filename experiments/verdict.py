@@ -44,6 +44,9 @@ _CAPACITY = flags.DEFINE_list(
     "capacity", [], "Width multipliers of the capacity analysis (e.g. "
     "0.25,0.5: 128 and 256 features for the configs' ResNet-18 at 1/8), "
     "trained after each regime's confirmation.")
+_CAPACITY_PER_CLASS = flags.DEFINE_list(
+    "capacity_per_class", None, "The regimes of the capacity analysis, by "
+    "images per class (e.g. 20; default: every regime of --per_class).")
 _RECORDED = flags.DEFINE_string(
     "recorded", None, "An earlier verdict.json (e.g. the committed one): the "
     "runs it records count as finished, so a lost workdir resumes from it.")
@@ -92,6 +95,17 @@ def main(argv):
           "multipliers, e.g. --capacity=0.25,0.5")
     return out
 
+  def capacity_per_class():
+    if _CAPACITY_PER_CLASS.value is None:
+      return None
+    try:
+      return tuple(int(n) for n in _CAPACITY_PER_CLASS.value)
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"--capacity_per_class={','.join(_CAPACITY_PER_CLASS.value)} must "
+          "be images per class of regimes in --per_class, e.g. "
+          "--capacity_per_class=20") from None
+
   def run():
     recorded = _RECORDED.value and verdict.load_recorded(
         _RECORDED.value, _CONFIG.value, regimes())
@@ -99,11 +113,13 @@ def main(argv):
       with cli.in_workdir(_WORKDIR.value):
         return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
                                    objectives, train=not _REPORT.value,
-                                   widths=widths(), recorded=recorded)
+                                   widths=widths(), recorded=recorded,
+                                   capacity_per_class=capacity_per_class())
     cli.route_logs(f"{_WORKDIR.value}/shard_{shard[0]}_of_{shard[1]}")
     return verdict.run_verdict(_CONFIG.value, _WORKDIR.value, regimes(),
                                objectives, shard, train=not _REPORT.value,
-                               widths=widths(), recorded=recorded)
+                               widths=widths(), recorded=recorded,
+                               capacity_per_class=capacity_per_class())
 
   results = run_with_one_line_errors(run)
   if results is None:

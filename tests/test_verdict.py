@@ -249,15 +249,17 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
     fashion_data_dir, tmp_path, monkeypatch, smoke_config):
   """Finished runs written by hand: the capacity table pairs CE and the loss
   at each width (the base width from the confirmation runs of the first
-  seeds), Holm over the widths; a capacity run trains its objective's
-  chosen setting at its width."""
+  seeds), Holm over the widths, in the regime the command names for it and
+  no other; a capacity run trains its objective's chosen setting at its
+  width."""
   regime = _tiny(monkeypatch, (100, 101, 102, 103))
+  other = dataclasses.replace(regime, name="6_per_class", per_class=6)
   monkeypatch.setattr(verdict_plan, "CAPACITY_SEEDS", (100, 101, 102))
   base = smoke_config(data_dir=fashion_data_dir)
   base_width = base.model_kwargs.width_multiplier
   objectives = ("ce", "gini_kl")
-  runs = (verdict_plan.tuning_runs([regime], objectives)
-          + verdict_plan.confirm_runs([regime], objectives)
+  runs = (verdict_plan.tuning_runs([regime, other], objectives)
+          + verdict_plan.confirm_runs([regime, other], objectives)
           + verdict_plan.capacity_runs([regime], (0.5,)))
   assert {(r.width, r.seed) for r in runs if r.phase == "capacity"} == {
       (0.5, s) for s in (100, 101, 102)}
@@ -271,9 +273,17 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
         gap[run.width] if run.objective == "gini_kl" else 0.0)
     workdir_lib.write_summary(folder, {"best_validation_accuracy": 0.5,
                                        "test_accuracy": test})
-  results = verdict.run_verdict(base, str(tmp_path), [regime], objectives,
-                                widths=(0.5,))
-  assert results["complete"]
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"--capacity_per_class=5 names .*"
+                     r"--per_class=4,6"):
+    verdict.run_verdict(base, str(tmp_path), [regime, other], objectives,
+                        widths=(0.5,), capacity_per_class=(5,))
+  written = set(tmp_path.glob("**/summary.json"))
+  results = verdict.run_verdict(base, str(tmp_path), [regime, other], objectives,
+                                widths=(0.5,), capacity_per_class=(4,))
+  assert set(tmp_path.glob("**/summary.json")) == written  # nothing trained
+  assert results["complete"] and "capacity" not in results["regimes"]["6_per_class"]
+  assert results["protocol"]["capacity"]["per_class"] == [4]
   table = results["regimes"]["4_per_class"]["capacity"]
   assert list(table) == [f"{base_width:g}", "0.5"]
   assert [r["seed"] for r in table[f"{base_width:g}"]["runs"]["ce"]] == [100, 101, 102]
