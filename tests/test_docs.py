@@ -109,6 +109,20 @@ def test_documented_commands_exist():
   assert len(_blocks("python")) >= 3
 
 
+def test_readme_layout_names_every_module():
+  """The README's layout (the block that lists discrim_jax/losses.py) names
+  every module of the package, so it stays the house as built: top-level
+  modules by path, those of a subpackage through the subpackage's folder."""
+  layout = re.search(r"^```\n(discrim_jax/losses\.py.*?)^```",
+                     (REPO / "README.md").read_text(), re.M | re.S).group(1)
+  package = REPO / "discrim_jax"
+  missing = [str(p.relative_to(REPO)) for p in sorted(package.rglob("*.py"))
+             if p.name != "__init__.py" and "__pycache__" not in p.parts and (
+                 f"{p.parent.relative_to(REPO)}/" if p.parent != package
+                 else str(p.relative_to(REPO))) not in layout]
+  assert not missing, f"README.md's layout does not name {missing}"
+
+
 @pytest.fixture(name="dry_run", scope="module")
 def dry_run_fixture(tmp_path_factory):
   """``dry_run(argv)``: ``{"returncode", "stdout", "stderr"}`` of ``python
