@@ -301,8 +301,9 @@ def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _capacity(finished: Finished, base, regime: plan.Regime, row, widths
               ) -> dict[str, Any]:
   """Per width (the base width from the confirmation runs): CE's and the
-  loss's runs on :data:`plan.CAPACITY_SEEDS` and their paired comparison, with
-  Holm over the widths once all are in."""
+  loss's runs on :data:`plan.CAPACITY_SEEDS`, whether CE's mean validation
+  curve over them plateaued (:func:`plateau`), and their paired comparison,
+  with Holm over the widths once all are in."""
   base_width = float(base.model_kwargs.get("width_multiplier", 1.0))
   table = {}
   for w in (base_width, *widths):
@@ -315,6 +316,8 @@ def _capacity(finished: Finished, base, regime: plan.Regime, row, widths
       else:
         runs[o] = _confirmed(finished, regime, o, plan.CAPACITY_SEEDS, w)
     entry = table[f"{w:g}"] = {"runs": runs}
+    if runs["ce"]:  # converged at this width too? (the regime's rule)
+      entry["ce_plateau"] = plateau(runs["ce"])
     if all(runs.values()):
       ce, loss = (runs[o] for o in plan.CAPACITY_OBJECTIVES)
       entry["test_accuracy"] = stats_lib.paired(

@@ -86,13 +86,17 @@ def _comparison(t: dict[str, Any] | None, p_keys) -> tuple[str, list[str]]:
 def _capacity_lines(table, seeds) -> list[str]:
   lines = [f"Capacity (secondary; {len(seeds)} fresh seeds, each "
            "objective at its tuned setting; p (Holm) over the widths):", "",
-           "| width | CE (%) | CE+Gini+KL (%) | Δ (points) | p (t) | p (Holm) |",
-           "|---|---|---|---|---|---|"]
+           "| width | CE (%) | CE+Gini+KL (%) | Δ (points) | p (t) | p (Holm) "
+           "| CE's last sixth (points) |",
+           "|---|---|---|---|---|---|---|"]
   for w, entry in table.items():
     accs = [f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f}"
             if runs else "–" for runs in entry["runs"].values()]
     diff, ps = _comparison(entry.get("test_accuracy"), ("p_t", "p_holm"))
-    lines.append(f"| {w} | {' | '.join(accs)} | {diff} | {' | '.join(ps)} |")
+    p = entry.get("ce_plateau")
+    last = ("–" if p is None else f"{p['last_sixth_gain_points']:+.2f}, "
+            + ("plateaued" if p["plateaued"] else "**not plateaued**"))
+    lines.append(f"| {w} | {' | '.join(accs)} | {diff} | {' | '.join(ps)} | {last} |")
   return lines + [""]
 
 

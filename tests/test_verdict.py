@@ -290,7 +290,10 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   assert table[f"{base_width:g}"]["test_accuracy"]["diff_to_ce_mean"] == 0.0625
   assert table["0.5"]["test_accuracy"]["diff_to_ce_mean"] == -0.125
   assert all(e["test_accuracy"]["p_holm"] is not None for e in table.values())
+  # Each width's CE curves (flat here: one evaluation) by the regime's rule.
+  assert all(e["ce_plateau"]["plateaued"] for e in table.values())
   assert "| 0.5 |" in (tmp_path / "verdict.md").read_text()
+  assert "+0.00, plateaued |" in (tmp_path / "verdict.md").read_text()
   run = verdict_plan.capacity_runs([regime], (0.5,))[0]
   config = verdict_plan.run_config(base, run, {"optimizer.lr": 0.25})
   assert config.model_kwargs.width_multiplier == 0.5 and config.optimizer.lr == 0.25
