@@ -227,7 +227,7 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
     raise ConfigError("--capacity compares "
                       f"{' and '.join(plan.CAPACITY_OBJECTIVES)}: "
                       f"--objectives must include both, got {list(objectives)}")
-  capacity = _capacity_regimes(regimes, widths, capacity_per_class)
+  capacity = plan.capacity_regimes(regimes, widths, capacity_per_class)
   out = epath.Path(workdir)
   recorded = recorded or {}
   num_classes = runtime.load_dataset_of(base).num_classes
@@ -253,18 +253,6 @@ def run_verdict(base, workdir: str, regimes: list[plan.Regime],
   return results
 
 
-def _capacity_regimes(regimes, widths, per_class) -> dict[str, tuple[float, ...]]:
-  """``{regime name: widths}`` of the capacity analysis."""
-  sizes = [r.per_class for r in regimes]
-  if per_class is not None and not set(per_class) <= set(sizes):
-    raise ConfigError(
-        f"--capacity_per_class={','.join(map(str, per_class))} names regimes "
-        f"this command does not train; choose among --per_class="
-        f"{','.join(map(str, sizes))}")
-  return {r.name: tuple(widths) for r in regimes
-          if per_class is None or r.per_class in per_class}
-
-
 def _confirmed(finished: Finished, regime: plan.Regime, objective: str,
                seeds=None, width: float | None = None
                ) -> list[dict[str, Any]] | None:
@@ -279,30 +267,11 @@ def _confirmed(finished: Finished, regime: plan.Regime, objective: str,
   return runs
 
 
-# The step budget is enough where tuned CE has plateaued: its mean
-# validation accuracy over the fresh seeds rose by less than this over the
-# last sixth of training (the last evaluation interval of 600 steps).
-PLATEAU_POINTS = 0.5
-
-
-def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
-  """CE's mean validation curve over its confirmation runs, and whether
-  the last sixth of the steps added less than ``PLATEAU_POINTS``."""
-  steps = [s for s, _ in runs[0]["validation_curve"]]
-  mean = np.mean([[a for _, a in r["validation_curve"]] for r in runs], axis=0)
-  back = steps[-1] - steps[-1] // 6
-  at = max(i for i, s in enumerate(steps) if s <= back)
-  gain = 100 * float(mean[-1] - mean[at])
-  return {"steps": steps, "mean_validation_accuracy": [float(m) for m in mean],
-          "last_sixth_gain_points": gain, "from_step": steps[at],
-          "plateaued": gain < PLATEAU_POINTS, "rule_points": PLATEAU_POINTS}
-
-
 def _capacity(finished: Finished, base, regime: plan.Regime, row, widths
               ) -> dict[str, Any]:
   """Per width (the base width from the confirmation runs): CE's and the
   loss's runs on :data:`plan.CAPACITY_SEEDS`, whether CE's mean validation
-  curve over them plateaued (:func:`plateau`), and their paired comparison,
+  curve over them plateaued (:func:`plan.plateau`), and their paired comparison,
   with Holm over the widths once all are in."""
   base_width = float(base.model_kwargs.get("width_multiplier", 1.0))
   table = {}
@@ -317,7 +286,7 @@ def _capacity(finished: Finished, base, regime: plan.Regime, row, widths
         runs[o] = _confirmed(finished, regime, o, plan.CAPACITY_SEEDS, w)
     entry = table[f"{w:g}"] = {"runs": runs}
     if runs["ce"]:  # converged at this width too? (the regime's rule)
-      entry["ce_plateau"] = plateau(runs["ce"])
+      entry["ce_plateau"] = plan.plateau(runs["ce"])
     if all(runs.values()):
       ce, loss = (runs[o] for o in plan.CAPACITY_OBJECTIVES)
       entry["test_accuracy"] = stats_lib.paired(
@@ -362,7 +331,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None,
   ``widths``, the capacity analysis (of the regimes of
   ``capacity_per_class`` images per class; None: all); ``"runs"``, the ledger of every
   finished run (:func:`load_recorded`)."""
-  capacity = _capacity_regimes(regimes, widths, capacity_per_class)
+  capacity = plan.capacity_regimes(regimes, widths, capacity_per_class)
   ledger = _ledger(out, regimes, objectives, capacity, recorded or {})
 
   def finished(run):
@@ -383,7 +352,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None,
                           if entry["chosen"] is not None else None)
       row["objectives"][objective] = entry
     ce = row["objectives"]["ce"]["confirm"]
-    row["ce_plateau"] = plateau(ce) if ce else None
+    row["ce_plateau"] = plan.plateau(ce) if ce else None
     for objective, entry in row["objectives"].items():
       if objective != "ce" and ce and entry["confirm"]:
         entry["test_accuracy"] = stats_lib.paired(

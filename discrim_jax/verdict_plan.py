@@ -1,6 +1,7 @@
 """What the verdict trains (``discrim_jax.verdict``), fixed before any run:
-each objective's tuning candidates, the seeds, each regime's config, and
-every run with the folder it lives in."""
+each objective's tuning candidates, the seeds, each regime's config, every
+run with the folder it lives in, the regimes of the capacity analysis, and
+the rule that says whether a step budget was enough (:func:`plateau`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ _app.require(__name__)
 
 import dataclasses
 import math
+from typing import Any
 import zlib
 
 from etils import epath
@@ -126,3 +128,34 @@ def run_config(regime_config_, run: Run, setting: dict[str, float]):
   setting (and, for capacity runs, the width)."""
   width = {} if run.width is None else {"model_kwargs.width_multiplier": run.width}
   return config_lib.with_fields(regime_config_, **setting, **width)
+
+
+def capacity_regimes(regimes, widths, per_class) -> dict[str, tuple[float, ...]]:
+  """``{regime name: widths}`` of the capacity analysis."""
+  sizes = [r.per_class for r in regimes]
+  if per_class is not None and not set(per_class) <= set(sizes):
+    raise config_lib.ConfigError(
+        f"--capacity_per_class={','.join(map(str, per_class))} names regimes "
+        f"this command does not train; choose among --per_class="
+        f"{','.join(map(str, sizes))}")
+  return {r.name: tuple(widths) for r in regimes
+          if per_class is None or r.per_class in per_class}
+
+
+# The step budget is enough where tuned CE has plateaued: its mean
+# validation accuracy over the fresh seeds rose by less than this over the
+# last sixth of training (the last evaluation interval of 600 steps).
+PLATEAU_POINTS = 0.5
+
+
+def plateau(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """CE's mean validation curve over its confirmation runs, and whether
+  the last sixth of the steps added less than ``PLATEAU_POINTS``."""
+  steps = [s for s, _ in runs[0]["validation_curve"]]
+  mean = np.mean([[a for _, a in r["validation_curve"]] for r in runs], axis=0)
+  back = steps[-1] - steps[-1] // 6
+  at = max(i for i, s in enumerate(steps) if s <= back)
+  gain = 100 * float(mean[-1] - mean[at])
+  return {"steps": steps, "mean_validation_accuracy": [float(m) for m in mean],
+          "last_sixth_gain_points": gain, "from_step": steps[at],
+          "plateaued": gain < PLATEAU_POINTS, "rule_points": PLATEAU_POINTS}
