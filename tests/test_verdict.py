@@ -2,6 +2,7 @@
 validation only, fresh seeds for the comparison, Holm over the family."""
 
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -299,17 +300,42 @@ def test_capacity_pairs_the_tuned_settings_at_each_width(
   assert config.model_kwargs.width_multiplier == 0.5 and config.optimizer.lr == 0.25
 
 
-def test_committed_results_recompute_from_their_per_seed_values():
-  """experiments/results/verdict_fashion/verdict.json: every choice,
-  interval and p-value recomputes from the per-run values it keeps."""
+@pytest.mark.parametrize("name,config_name", [
+    ("verdict_fashion", "fashion_mnist"), ("verdict_fonts", "fonts")])
+def test_committed_results_recompute_from_their_per_seed_values(name, config_name):
+  """experiments/results/NAME/verdict.json: every choice, interval, p-value
+  (Holm's and Bonferroni's included), convergence figure and capacity
+  comparison recomputes from the per-run values it keeps."""
+  import importlib  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  path = (Path(__file__).parents[1] / "experiments" / "results"
-          / "verdict_fashion" / "verdict.json")
+  path = Path(__file__).parents[1] / "experiments" / "results" / name / "verdict.json"
   results = json.loads(path.read_text())
   family = results["protocol"]["holm_family"]
-  checked = 0
+  # The same float64 functions on the same values; another CPU's libm may
+  # round the t quantile's last bits otherwise: 1e-12 relative.
+  close = functools.partial(pytest.approx, rel=1e-12)
+
+  def same_plateau(kept, runs):
+    again = verdict_plan.plateau(runs)
+    for key in ("steps", "from_step", "plateaued", "rule_points"):
+      assert kept[key] == again[key], key
+    assert kept["mean_validation_accuracy"] == close(again["mean_validation_accuracy"])
+    # 100x a difference of two float64 means of values in [0, 1]: the same
+    # operations on the same values, a few ulps of 100 at most.
+    assert kept["last_sixth_gain_points"] == pytest.approx(
+        again["last_sixth_gain_points"], abs=1e-12)
+
+  def recomputes(kept, loss_runs, ce_runs):
+    again = stats.paired([r["test_accuracy"] for r in loss_runs],
+                         [r["test_accuracy"] for r in ce_runs])
+    for key in ("diff_to_ce_mean", "p_t", "p_sign_flip", "diff_to_ce_ci95"):
+      assert kept[key] == close(again[key]), key
+
+  checked, primary = 0, []
   for row in results["regimes"].values():
     ce = row["objectives"]["ce"]["confirm"]
+    if ce:
+      same_plateau(row["ce_plateau"], ce)
     for objective, entry in row["objectives"].items():
       means = [np.mean(c["validation_accuracy"]) for c in entry["candidates"]
                if None not in c["validation_accuracy"]]
@@ -318,25 +344,29 @@ def test_committed_results_recompute_from_their_per_seed_values():
       if "test_accuracy" not in entry:
         continue
       kept = entry["test_accuracy"]
-      again = stats.paired([r["test_accuracy"] for r in entry["confirm"]],
-                           [r["test_accuracy"] for r in ce])
-      # The same float64 functions on the same values; another CPU's libm
-      # may round the t quantile's last bits otherwise: 1e-12 relative.
-      for key in ("diff_to_ce_mean", "p_t", "p_sign_flip"):
-        assert kept[key] == pytest.approx(again[key], rel=1e-12), key
-      assert kept["diff_to_ce_ci95"] == pytest.approx(again["diff_to_ce_ci95"],
-                                                      rel=1e-12)
-      if results["complete"]:
-        assert kept["p_holm"] is not None
-      else:
-        assert kept["p_bonferroni"] == pytest.approx(min(1.0, family * kept["p_t"]),
-                                                     rel=1e-12)
+      recomputes(kept, entry["confirm"], ce)
+      primary.append(kept)
+      if not results["complete"]:
+        assert kept["p_bonferroni"] == close(min(1.0, family * kept["p_t"]))
       checked += 1
-  assert checked >= 4
+    for width, cell in row.get("capacity", {}).items():
+      if cell["runs"]["ce"]:
+        same_plateau(cell["ce_plateau"], cell["runs"]["ce"])
+      if "test_accuracy" in cell:
+        recomputes(cell["test_accuracy"], cell["runs"]["gini_kl"], cell["runs"]["ce"])
+        checked += 1
+    widths = [c["test_accuracy"] for c in row.get("capacity", {}).values()
+              if "test_accuracy" in c]
+    if widths and all("p_holm" in t for t in widths):
+      assert [t["p_holm"] for t in widths] == close(stats.holm([t["p_t"] for t in widths]))
+  if results["complete"]:  # Holm over the whole family, in its order
+    assert len(primary) == family
+    assert [t["p_holm"] for t in primary] == close(stats.holm([t["p_t"] for t in primary]))
+  assert checked >= 1
   # It resumes its own command (--recorded), and only that one.
-  from experiments.configs import fashion_mnist  # pylint: disable=g-import-not-at-top
-  regimes = [verdict_plan.Regime(f"{n}_per_class", n, 600, 100) for n in (20, 500)]
-  assert verdict.load_recorded(path, fashion_mnist.get_config(), regimes) == results["runs"]
-  with pytest.raises(config_lib.ConfigError, match="20_per_class is"):
-    verdict.load_recorded(path, fashion_mnist.get_config(),
-                          [dataclasses.replace(regimes[0], candidates=3)])
+  base = importlib.import_module(f"experiments.configs.{config_name}").get_config()
+  regimes = [verdict_plan.Regime(**row["regime"]) for row in results["regimes"].values()]
+  assert verdict.load_recorded(path, base, regimes) == results["runs"]
+  with pytest.raises(config_lib.ConfigError, match=f"{regimes[0].name} is"):
+    verdict.load_recorded(path, base, [dataclasses.replace(
+        regimes[0], candidates=regimes[0].candidates + 1)])
