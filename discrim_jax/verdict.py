@@ -359,9 +359,7 @@ def summarize(out, base, regimes, objectives, widths=(), recorded=None,
             [r["test_accuracy"] for r in entry["confirm"]],
             [r["test_accuracy"] for r in ce])
   family, primary = _correct(rows, objectives)
-  for regime in regimes if widths else []:
-    if regime.name not in capacity:
-      continue
+  for regime in (r for r in regimes if capacity.get(r.name)):
     rows[regime.name]["capacity"] = _capacity(finished, base, regime,
                                               rows[regime.name], widths)
   complete = primary and all("test_accuracy" in e for row in rows.values()
