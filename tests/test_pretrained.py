@@ -58,12 +58,15 @@ def _torch_logits(module, images):
 
 
 def _ours(name, num_classes, state, **overrides):
+  """``(model, converted variables)``: every weight comes from ``state``, so
+  the model's own init is needed for its structure alone (its shapes: an
+  init compiled for values would cost CvT-13 several seconds)."""
   model = models.create_model(name, num_classes=num_classes, **overrides)
-  variables = jax.jit(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))
   converted = pretrained.convert(state, variables,
                                  architecture=pretrained.architecture_of(name))
-  return model, variables, converted
+  return model, converted
 
 
 def _images(n=2, seed=0):
@@ -75,7 +78,7 @@ def test_torchvision_resnet_same_logits(name):
   torch.manual_seed(0)
   reference = getattr(torchvision.models, name)(weights=None).eval()
   _randomize_bn(reference)
-  model, _, converted = _ours(name, 1000, _numpy_state(reference), stem="imagenet")
+  model, converted = _ours(name, 1000, _numpy_state(reference), stem="imagenet")
   assert converted.pop("head_reinitialized") is False
   images = _images()
   logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(converted, images)
@@ -123,7 +126,7 @@ def test_huggingface_cvt13_same_logits(tmp_path):
   _randomize_bn(reference)
   state = _numpy_state(reference)
   # Hugging Face's port uses exact GELU where the official code has QuickGELU.
-  model, _, converted = _ours("cvt13", 1000, state, activation="gelu")
+  model, converted = _ours("cvt13", 1000, state, activation="gelu")
   converted.pop("head_reinitialized")
   images = _images()
   logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(converted, images)
