@@ -155,3 +155,25 @@ def test_documented_commands_parse_and_validate(argv, dry_run):
   result = dry_run(argv)
   assert result["returncode"] == 0, f"{where}:\n{result['stderr'][-3000:]}"
   assert result["stdout"].startswith("dry run:"), (where, result["stdout"])
+
+
+def test_every_interval_the_docs_quote_is_in_a_committed_table():
+  """Each ``[low, high]`` interval that README.md, docs/*.md or a results
+  README quotes is one of the intervals of the committed tables
+  (experiments/results/**/*.md, which their own tests recompute from the
+  per-run values): a figure edited by hand, or left behind when a table was
+  rerun, fails here."""
+  def text(path):
+    return re.sub(r"\s+", " ", path.read_text().replace("\N{MINUS SIGN}", "-"))
+  interval = re.compile(r"\[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]")
+  results = REPO / "experiments" / "results"
+  tables = [p for p in results.rglob("*.md") if p.name != "README.md"]
+  known = {m for p in tables for m in interval.findall(text(p))}
+  quoted = {}
+  for path in [*DOCS, *results.rglob("README.md")]:
+    for m in interval.findall(text(path)):
+      quoted.setdefault(m, []).append(str(path.relative_to(REPO)))
+  assert len(quoted) >= 20 and len(known) >= 100  # the pattern finds them
+  unknown = {f"[{low}, {high}]": where for (low, high), where in quoted.items()
+             if (low, high) not in known}
+  assert not unknown, f"intervals in no committed table: {unknown}"
