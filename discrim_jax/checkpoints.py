@@ -11,6 +11,7 @@ from discrim_jax import _app
 _app.require(__name__)
 
 import json
+import logging as std_logging
 import time
 
 from absl import logging
@@ -34,11 +35,28 @@ def _save_replicas_whole_on_cpu() -> None:
     return
   default = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(default, "_use_replica_parallel", True):
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=False,
-            array_metadata_store=getattr(default, "_array_metadata_store", None)),
-        override=True)
+    # Orbax warns of the override it was asked for, on every run's console.
+    expected = _DropMessage("Type handler registry type")
+    std_logging.getLogger("absl").addFilter(expected)
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(
+              use_replica_parallel=False,
+              array_metadata_store=getattr(default, "_array_metadata_store", None)),
+          override=True)
+    finally:
+      std_logging.getLogger("absl").removeFilter(expected)
+
+
+class _DropMessage(std_logging.Filter):
+  """Drops the log records whose format string starts with ``prefix``."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith(self.prefix)
 
 
 def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:

@@ -93,3 +93,23 @@ def test_checkpoint_with_corrupt_step_metadata_still_resumes(
   again = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
   assert again["test_accuracy"] == first["test_accuracy"]
   assert not (tmp_path / "unreadable_checkpoints").exists()
+
+
+def test_the_cpu_save_handler_replaces_orbax_default_without_a_warning(
+    tmp_path, caplog):
+  """On CPU the app saves each replicated array whole (checkpoints.py);
+  orbax's warning about that override, which the app asks for, is kept off
+  the console (it printed on every run)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from discrim_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  handlers = ocp.type_handlers
+  handlers.register_type_handler(jax.Array, handlers.ArrayHandler(), override=True)
+  assert handlers.get_type_handler(jax.Array)._use_replica_parallel  # pylint: disable=protected-access
+  caplog.clear()  # orbax's warning for the line above
+  with caplog.at_level(logging.WARNING):
+    checkpoints.checkpoint_manager(1, epath.Path(tmp_path)).close()
+  assert not handlers.get_type_handler(jax.Array)._use_replica_parallel  # pylint: disable=protected-access
+  assert not [r.getMessage() for r in caplog.records if "overriding" in r.getMessage()]
