@@ -42,6 +42,8 @@ def test_cli_sigterm_saves_and_exits_75_with_one_line(tmp_path):
   # The console has the progress lines; absl's INFO records go to log.txt.
   absl_info = re.compile(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.M)
   assert not absl_info.search(stderr), stderr[-2000:]
+  # Nor TensorFlow's notes on loading (oneDNN on, absl not initialised).
+  assert "oneDNN" not in stderr and "InitializeLog" not in stderr, stderr[:2000]
   assert absl_info.search((workdir / "log.txt").read_text())
   assert re.search(r"^gini_kl seed 0: step \d+/500", stderr, re.M), stderr[-2000:]
 

@@ -301,3 +301,17 @@ def test_runs_preparing_one_folder_at_once_prepare_it_once(tmp_path,
   assert not errors and len(calls) == 1, (errors, calls)
   for b in builders:  # the one that waited knows the splits the other wrote
     assert b.info.splits["train"].num_examples == 20
+
+
+def test_native_stderr_filter_drops_only_the_named_lines(capfd):
+  """What native code writes to file descriptor 2 while TensorFlow loads is
+  passed on without its known notes (tfds_access._TF_LOADING_NOISE): any
+  other line, an error's included, still reaches the console."""
+  import os  # pylint: disable=g-import-not-at-top
+  with tfds_access.native_stderr_without(("oneDNN custom operations are on",)):
+    os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n"
+                b"E0000 something went wrong\n")
+  assert capfd.readouterr().err == "E0000 something went wrong\n"
+  with tfds_access.native_stderr_without(()):  # nothing named: untouched
+    os.write(2, b"oneDNN custom operations are on\n")
+  assert capfd.readouterr().err == "oneDNN custom operations are on\n"

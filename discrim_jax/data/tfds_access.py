@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import socket
+import sys
 import tempfile
 from typing import Any
 
@@ -77,19 +78,56 @@ def tf_modules():
   Only reading and batching data need them: the models, the losses and the
   compiled steps also run where JAX alone is installed (an accelerator image).
   """
+  quiet = os.environ.get("DISCRIM_JAX_QUIET_TFDS")  # set by cli.route_logs
   try:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    with native_stderr_without(_TF_LOADING_NOISE if quiet else ()):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
         f"reading data sets needs tensorflow and tensorflow-datasets ({e}); "
         "install the project's dependencies: pip install -e .") from e
   # TensorFlow must not grab the accelerators JAX is going to use.
   tf.config.set_visible_devices([], "GPU")
-  if os.environ.get("DISCRIM_JAX_QUIET_TFDS"):  # set by cli.route_logs
+  if quiet:
     tfds.disable_progress_bar()
   return tf, tfds
+
+
+# What TensorFlow's native libraries print on every import, whatever
+# TF_CPP_MIN_LOG_LEVEL says (they log before it is read): an INFO note that
+# oneDNN is on, once per library, each after absl's warning that logging is
+# not initialised yet. Four lines on every run's console that say nothing
+# about the run.
+_TF_LOADING_NOISE = ("oneDNN custom operations are on",
+                     "before absl::InitializeLog() is called")
+
+
+@contextlib.contextmanager
+def native_stderr_without(noise: tuple[str, ...]):
+  """For the block, what is written to file descriptor 2 (native libraries'
+  logs included) is held back, then passed on without the lines containing
+  one of ``noise``. No-op for an empty ``noise``."""
+  if not noise:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      lines = held.read().decode(errors="replace").splitlines(keepends=True)
+      kept = "".join(l for l in lines if not any(n in l for n in noise))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
 
 
 def parse_holdout(text: str) -> dict[str, Any]:
