@@ -84,7 +84,7 @@ def summarize(workdir: epath.Path, objectives, seeds: int) -> dict[str, Any]:
     for seed in range(seeds):
       out = workdir_lib.run_dir(workdir, objective, seed)
       summary = workdir_lib.read_summary(out)
-      records = workdir_lib.read_records(out / "metrics.jsonl")
+      records = workdir_lib.read_metrics(out)
       last_train = [r for r in records if r["split"] == "train"][-1]
       test = [r for r in records if r["split"] == "test"][-1]
       runs.append({

@@ -194,8 +194,7 @@ def _curves_figure(plt, workdir: epath.Path, results: dict[str, Any]) -> list[ep
                            ("validation", axes[1], "accuracy")):
       curves = []
       for seed in range(seeds):
-        records = workdir_lib.read_records(
-            workdir_lib.run_dir(workdir, o, seed) / "metrics.jsonl")
+        records = workdir_lib.read_metrics(workdir_lib.run_dir(workdir, o, seed))
         curves.append([(r["step"], r[key]) for r in records if r["split"] == split])
       steps = [s for s, _ in curves[0]]
       values = np.mean([[v for _, v in c] for c in curves], axis=0)

@@ -294,8 +294,8 @@ def summarize(out: epath.Path, all_cells: list[Cell], seeds: int) -> dict[str, A
 def _identity(path: epath.Path, objective: str) -> dict[str, Any] | None:
   """The config identity of an objective's runs in a cell (seed 0's)."""
   try:
-    return json.loads((workdir_lib.run_dir(path, objective, 0) / "identity.json")
-                      .read_text())
+    return json.loads((workdir_lib.run_dir(path, objective, 0)
+                       / workdir_lib.IDENTITY).read_text())
   except (OSError, ValueError):
     return None
 

@@ -69,8 +69,8 @@ def _record(out, run: plan.Run, recorded: dict[str, Any]
             "wall_time_s": s.get("wall_time_s")}
   if run.phase != "tune":  # the compared runs' curves (convergence)
     record["validation_curve"] = [
-        [r["step"], r["accuracy"]] for r in workdir_lib.read_records(
-            folder / "metrics.jsonl") if r["split"] == "validation"]
+        [r["step"], r["accuracy"]] for r in workdir_lib.read_metrics(folder)
+        if r["split"] == "validation"]
   return record
 
 

@@ -187,6 +187,9 @@ def locked(workdir):
 # -------------------------------------------------------------- the identity
 
 IDENTITY = epath.Path("identity.json")
+# The run's whole config, as given (the identity is the part that decides
+# its results).
+CONFIG = "config.json"
 
 
 def read_json(path: epath.Path) -> Any:
@@ -211,10 +214,10 @@ def check_config(config, workdir: epath.Path) -> None:
   current = json.loads(config.to_json_best_effort())
   mine = config_lib.identity(current)
   sources = []
-  path = workdir / "config.json"
+  path = workdir / CONFIG
   if path.exists():
     saved = read_json(path)
-    sources.append(("config.json", config_lib.identity(saved)))
+    sources.append((CONFIG, config_lib.identity(saved)))
     others = _diff(saved, current)
     if others:
       logging.info("resuming %s with changed settings that do not change its "
@@ -223,7 +226,7 @@ def check_config(config, workdir: epath.Path) -> None:
     sources.append((str(IDENTITY), read_json(workdir / IDENTITY)))
   if not sources and _has_checkpoints(workdir):
     raise ConfigError(
-        f"workdir {workdir} holds checkpoints but neither config.json nor "
+        f"workdir {workdir} holds checkpoints but neither {CONFIG} nor "
         f"{IDENTITY}, so which config they belong to is unknown; restore those "
         "files, or use a new --workdir")
   for name, saved in sources:
@@ -249,7 +252,7 @@ def write_config(config, workdir: epath.Path) -> None:
   if jax.process_index() != 0:
     return
   current = json.loads(config.to_json_best_effort())
-  path = workdir / "config.json"
+  path = workdir / CONFIG
   if not path.exists():
     write_atomically(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
   path = workdir / IDENTITY
@@ -266,10 +269,15 @@ def write_classes(names, workdir: epath.Path) -> None:
     path.write_text(json.dumps(list(names), indent=1) + "\n")
 
 
-def read_records(path: epath.Path) -> list[dict[str, Any]]:
-  """The records of a ``metrics.jsonl``. A torn last line (what a crash or a
-  full disk leaves in an append-only file) is dropped with a warning; an
+# A run's log: one JSON object per logged step and split.
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
+  """The records of a run's :data:`METRICS`. A torn last line (what a crash
+  or a full disk leaves in an append-only file) is dropped with a warning; an
   unreadable line before it is a one-line ValueError naming the file."""
+  path = epath.Path(workdir) / METRICS
   lines = [line for line in path.read_text().splitlines() if line.strip()]
   records = []
   for i, line in enumerate(lines):
@@ -289,12 +297,12 @@ class MetricsLog:
 
   def __init__(self, workdir: epath.Path, restored_step: int):
     self._primary = jax.process_index() == 0
-    self.path = workdir / "metrics.jsonl"
+    self.path = workdir / METRICS
     if self._primary and self.path.exists():
       # Records after the restored checkpoint belong to the lost tail of an
       # interrupted run, and the test record to the end of a finished one:
       # this run writes them again.
-      kept = [json.dumps(r) for r in read_records(self.path)
+      kept = [json.dumps(r) for r in read_metrics(workdir)
               if r["step"] <= restored_step and r["split"] != "test"]
       write_atomically(self.path, "".join(k + "\n" for k in kept))
     # CLU's writers import TensorFlow, so CLU is imported where a run starts:

@@ -194,8 +194,7 @@ def test_workdir_files_on_an_object_store_path(tmp_path, monkeypatch, smoke_conf
       log.write(1, "train", {"loss": 2.0})
       log.write(2, "train", {"loss": 1.5})  # an append, on a store without one
       log.close()
-      assert [r["loss"] for r in workdir_lib.read_records(run / "metrics.jsonl")] == [
-          2.0, 1.5]
+      assert [r["loss"] for r in workdir_lib.read_metrics(run)] == [2.0, 1.5]
       workdir_lib.save_throughput(run, 12.5)
       assert workdir_lib.load_throughput(run) == 12.5
       fig = plt.figure()
