@@ -18,6 +18,7 @@ from discrim_jax import data
 from discrim_jax import run_spec
 from discrim_jax import train
 from discrim_jax.data import folder as folder_lib
+from discrim_jax.data import inception_crop
 from discrim_jax.data import tfds_access
 from discrim_jax.data import streaming
 from discrim_jax.data import synthetic_records
@@ -377,7 +378,7 @@ def test_jpeg_batch_crop_is_the_documented_recipe(jpeg_records):
   positions = [0, 5, 17, 40, 63, 64]
   keys = np.array([[7, p] for p in positions], np.int64)
   records = ds.serialized("train", positions)
-  streamed = streaming.jpeg_crop(shape)
+  streamed = inception_crop.jpeg_crop(shape)
   jpegs, labels = ds.parse_batch(tf.constant(records))
   for j, p in enumerate(positions):
     assert labels[j] == ds.record("train", p)[1]

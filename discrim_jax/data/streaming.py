@@ -23,7 +23,8 @@ epoch's permutation of it.
 Augmentation: images of at most 64 pixels get the in-memory path's CIFAR
 recipe (4-pixel pad-and-crop and flip, drawn per global batch from
 ``(seed, step)`` with TensorFlow's stateless ops); larger ones the
-ImageNet recipe, random-resized crop (scale 0.08-1, ratio 3/4-4/3) and flip,
+ImageNet recipe (:mod:`discrim_jax.data.inception_crop`), random-resized
+crop (scale 0.08-1, ratio 3/4-4/3) and flip,
 drawn per example from ``(seed, place in the global stream)``, so that
 every host draws its own rows' crops; JPEG records get it from a tf.data
 stage after grain's read, decoding only each crop's window
@@ -47,6 +48,7 @@ import numpy as np
 
 from discrim_jax.data import folder as folder_lib
 from discrim_jax.data import batching
+from discrim_jax.data import inception_crop
 from discrim_jax.data import tfds_access as access
 
 ARRAY_RECORD = "array_record"
@@ -171,7 +173,7 @@ class StreamingDataset:
   @property
   def jpeg(self) -> bool:
     """Whether the records are JPEG-encoded: training crops then come from
-    :func:`jpeg_crop`, which decodes only each crop's window."""
+    ``inception_crop.jpeg_crop``, which decodes only each crop's window."""
     return self._jpeg
 
   def serialized(self, split: str, positions) -> list[bytes]:
@@ -212,55 +214,15 @@ def _fit(image: np.ndarray, shape) -> np.ndarray:
   return image.reshape(shape)
 
 
-def crop_window(h: int, w: int, rng: np.random.Generator
-                 ) -> tuple[int, int, int, int]:
-  """``(top, left, height, width)`` of an Inception-style crop (area 8-100%,
-  aspect 3/4-4/3; 10 tries, then the centre square)."""
-  for _ in range(10):
-    area = h * w * rng.uniform(0.08, 1.0)
-    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    ch, cw = int(round(np.sqrt(area / ratio))), int(round(np.sqrt(area * ratio)))
-    if 0 < ch <= h and 0 < cw <= w:
-      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-  side = min(h, w)
-  return (h - side) // 2, (w - side) // 2, side, side
-
-
-def jpeg_crop(shape):
-  """``crop(jpeg, key) -> float32 shape in [0, 1]``, in a TensorFlow graph:
-  the ImageNet training crop of one encoded JPEG, what big_vision's
-  Inception crop does. The window (area 8-100%, aspect 3/4-4/3, from the
-  size in the JPEG header) and the flip are drawn by stateless ops from
-  ``key`` (an int64 pair), so a key gives the same crop in any batch and
-  process; only the window is decoded (``decode_and_crop_jpeg``), then
-  resized bilinearly to ``shape``."""
-  tf = access.tf_modules()[0]
-  size, channels = tuple(shape[:2]), shape[-1]
-
-  def crop(data, key):
-    box_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key))
-    begin, window, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4], tf.float32),
-        seed=box_key, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(0.08, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    image = tf.image.decode_and_crop_jpeg(
-        data, tf.stack([begin[0], begin[1], window[0], window[1]]),
-        channels=channels)
-    image = tf.image.resize(image, size, method="bilinear") / 255.0
-    return tf.image.stateless_random_flip_left_right(image, flip_key)
-  return crop
-
-
 def jpeg_batches(dataset: StreamingDataset, shape, read: Iterator[dict],
                  batch: int, num_threads: int) -> Iterator[dict[str, np.ndarray]]:
   """Batches of ``read``'s records (``{"records", "keys", "mask"}``, ``batch``
   of each) in a tf.data pipeline: each batch parsed in one op, then every
-  record cropped by :func:`jpeg_crop` on ``num_threads`` threads across
+  record cropped by :func:`inception_crop.jpeg_crop` on ``num_threads`` threads across
   batch boundaries (no batch waits for its slowest record), in ``read``'s
   order."""
   tf = access.tf_modules()[0]
-  crop = jpeg_crop(shape)
+  crop = inception_crop.jpeg_crop(shape)
   parse = dataset.parse_batch
   spec = {"records": tf.TensorSpec([batch], tf.string),
           "keys": tf.TensorSpec([batch, 2], tf.int64),
@@ -282,21 +244,6 @@ def jpeg_batches(dataset: StreamingDataset, shape, read: Iterator[dict],
               .map(cropped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .batch(batch).prefetch(1).with_options(options))
   return pipeline.as_numpy_iterator()
-
-
-def random_resized_crop(image: np.ndarray, shape, rng: np.random.Generator
-                         ) -> np.ndarray:
-  """Inception-style crop (area 8-100%, aspect 3/4-4/3; 10 tries, then the
-  centre), resized to ``shape``, flipped with probability 1/2."""
-  if image.ndim == 2:
-    image = image[..., None]
-  top, left, ch, cw = crop_window(*image.shape[:2], rng)
-  crop = image[top:top + ch, left:left + cw]
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  pil = Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop)
-  out = np.asarray(pil.resize((shape[1], shape[0]), Image.BILINEAR))
-  out = out.reshape(shape)
-  return out[:, ::-1] if rng.random() < 0.5 else out
 
 
 def _locator(dataset: StreamingDataset, split: str, batch_size: int,
@@ -355,7 +302,7 @@ def iterate(dataset: StreamingDataset, split: str, batch_size: int, *,
     i, mask = locate(position)
     image, label = dataset.record(split, i)
     if per_example_augment:
-      image = random_resized_crop(image, shape,
+      image = inception_crop.random_resized_crop(image, shape,
                                   np.random.default_rng([seed, slot(position), 1]))
     else:
       image = _fit(image, shape)
