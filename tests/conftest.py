@@ -86,12 +86,12 @@ import pytest  # noqa: E402
 
 # Under pytest-xdist the controller, which runs no test, starts preparing
 # Fashion-MNIST in a process of its own while the workers start up; the
-# app's own lock on the folder (data.tfds_access.prepare) makes any process
+# app's own lock on the folder (data.tfds_prepare.prepare) makes any process
 # that needs it wait for it, or prepare it if that process could not.
 _PREPARE = """
-from discrim_jax.data import fashion_mnist, tfds_access
-tfds_access.prepare(fashion_mnist.DebianFashionMnist(), "fashion_mnist",
-                    download=False)
+from discrim_jax.data import fashion_mnist, tfds_prepare
+tfds_prepare.prepare(fashion_mnist.DebianFashionMnist(), "fashion_mnist",
+                     download=False)
 """
 
 
@@ -167,13 +167,13 @@ def fashion_data_dir():
   """The test run's TFDS data folder (see _DATA_FOLDER) with the real
   Fashion-MNIST prepared in it; tests only read it."""
   from discrim_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-  from discrim_jax.data import tfds_access  # pylint: disable=g-import-not-at-top
+  from discrim_jax.data import tfds_prepare  # pylint: disable=g-import-not-at-top
   try:
     fashion_mnist.find_files()
   except FileNotFoundError as e:
     pytest.fail(f"the real Fashion-MNIST files are needed: {e}", pytrace=False)
-  tfds_access.prepare(fashion_mnist.DebianFashionMnist(), "fashion_mnist",
-                      download=False)
+  tfds_prepare.prepare(fashion_mnist.DebianFashionMnist(), "fashion_mnist",
+                       download=False)
   return os.environ["TFDS_DATA_DIR"]
 
 

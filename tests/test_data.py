@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from discrim_jax import data
 from discrim_jax.data import fashion_mnist
 from discrim_jax.data import tfds_access
+from discrim_jax.data import tfds_prepare
 from discrim_jax.data.synthetic import SyntheticDataset
 
 
@@ -285,7 +286,7 @@ def test_runs_preparing_one_folder_at_once_prepare_it_once(tmp_path,
 
   def prepare(b):
     try:
-      tfds_access.prepare(b, "dummy_mnist", download=False)
+      tfds_prepare.prepare(b, "dummy_mnist", download=False)
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 

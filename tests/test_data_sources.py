@@ -20,6 +20,7 @@ from discrim_jax import train
 from discrim_jax.data import folder as folder_lib
 from discrim_jax.data import inception_crop
 from discrim_jax.data import tfds_access
+from discrim_jax.data import tfds_prepare
 from discrim_jax.data import streaming
 from discrim_jax.data import synthetic_records
 
@@ -118,7 +119,7 @@ def test_unprepared_data_without_download_fails_at_once(tmp_path):
 
 
 def test_unprepared_data_without_network_fails_at_once(tmp_path, monkeypatch):
-  monkeypatch.setattr(tfds_access, "network_available",
+  monkeypatch.setattr(tfds_prepare, "network_available",
                       lambda: "storage.googleapis.com:443 unreachable: test")
   with pytest.raises(ValueError, match=r"cannot be downloaded \(storage.*unreachable"
                      r".*copy DIR here and pass --config.data_dir=DIR"):

@@ -40,7 +40,8 @@ from discrim_jax.data import folder as folder_lib
 from discrim_jax.data.tfds_access import (
     DEFAULT_CALTECH_SIZE, DEFAULT_IMAGE_SIZE, SPECS, SPLITS, DatasetInfo,
     batched_examples, check_labels, feature_keys, holdout_count, holdout_mask,
-    open_builder, per_class_subset, prepare, spec_for, split_plan, tf_modules)
+    open_builder, per_class_subset, spec_for, split_plan, tf_modules)
+from discrim_jax.data.tfds_prepare import prepare
 
 
 # (builder folder, split, image shape, resize, keys) -> decoded arrays.

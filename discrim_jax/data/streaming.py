@@ -50,6 +50,7 @@ from discrim_jax.data import folder as folder_lib
 from discrim_jax.data import batching
 from discrim_jax.data import inception_crop
 from discrim_jax.data import tfds_access as access
+from discrim_jax.data import tfds_prepare
 
 ARRAY_RECORD = "array_record"
 CIFAR_MAX_SIZE = 64  # up to this image side: the CIFAR recipe, else ImageNet's
@@ -97,7 +98,7 @@ class StreamingDataset:
         image_size and image_size != shape[0])
     size = (image_size or access.DEFAULT_IMAGE_SIZE) if self._resize else shape[0]
     self.image_shape = (size, size, shape[-1] or 3)
-    access.prepare(self._builder, name, download=download,
+    tfds_prepare.prepare(self._builder, name, download=download,
                      file_format=ARRAY_RECORD)
     formats = [str(self._builder.info.file_format.value)] + [
         str(f.value) for f in self._builder.info.alternative_file_formats]
