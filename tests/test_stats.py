@@ -24,6 +24,10 @@ def test_paired_interval_and_p_values_follow_their_definitions():
   assert out["diff_to_ce_ci95"] == pytest.approx([d.mean() - half, d.mean() + half],
                                                  rel=REL)
   t = d.mean() / (d.std(ddof=1) / math.sqrt(5))
+  # The library's t comes from scipy's ttest_1samp, which sums in its own
+  # order: the two t values differ by a few float64 ulps (~1e-15 relative),
+  # and p = 2 sf(t) turns that into |t sf'(t) / sf(t)| (2.6 here)
+  # times as much relative error in p: 1e-9 bounds it with a wide margin.
   assert out["p_t"] == pytest.approx(2 * scipy_stats.t.sf(abs(t), 4), rel=1e-9)
   # Sign flips of (+2, +3, -1, +4, +2) points (mean 2): |mean| >= 2 for the
   # data itself, with the -1 flipped (mean 2.4), and both negated: 4 of 32.
