@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from discrim_jax import models
+from discrim_jax import optim
 from discrim_jax import runtime
 from discrim_jax import run_spec
 from discrim_jax.data.synthetic import SyntheticDataset
@@ -176,3 +177,34 @@ def test_a_second_build_of_the_same_steps_reuses_them(smoke_config):
   # The checks of a build still run (a layer the model lacks).
   with pytest.raises(runtime.ConfigError, match="stage9"):
     runtime.build(smoke_config(**{"loss.layers": ("stage9",)}), dataset=dataset)
+
+
+def test_the_initialiser_compiles_at_llvm_level_1_to_the_same_state(smoke_config):
+  """On CPU the state's initialiser compiles at LLVM's level 1 (it runs once
+  a run, and its compile was most of a cold build): the state equals the one
+  XLA's default level makes, bit for bit, the optimiser's and the centre
+  loss's parameters included. The suite's JAX_DISABLE_MOST_OPTIMIZATIONS,
+  under which the app leaves the initialiser's options alone, is lifted
+  for the build and both compiles."""
+  config = smoke_config(objective="center+gini_kl", batch_size=16,
+                        eval_batch_size=16, num_devices=1)
+  disabled = jax.config.read("jax_disable_most_optimizations")
+  assert runtime.init_compiler_options("cpu") == (
+      {} if disabled else {"xla_backend_optimization_level": 1})
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    assert runtime.init_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    assert runtime.init_compiler_options("gpu") == {}
+    # 9 classes: a program no other test builds, so none is reused.
+    program = runtime.build(config, dataset=SyntheticDataset(
+        num_classes=9, image_shape=(28, 28, 1), num_examples=32))
+    mine = program.init_state(0)
+    default = jax.jit(program.init_state.__wrapped__)(0)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", disabled)
+
+  def raw(state):
+    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x).tobytes() for x in jax.tree.leaves(state)]
+  assert optim.AUX in mine.params  # the centres, drawn at random too
+  assert raw(mine) == raw(default)
