@@ -207,14 +207,14 @@ def _jit(spec, fn, **kwargs):
 def init_compiler_options(platform: str) -> dict[str, Any]:
   """XLA options for the state's initialiser. On CPU, LLVM at level 1: the
   initialiser (a random draw per parameter, each its own kernel) runs once
-  a run, and its compile was most of a cold build (ResNet-18 at 1/8 width:
-  1.9 s instead of 6.7 s; ResNet-50 3.7 s instead of 6.1 s; CvT-13 8.2 s
-  instead of 10.6 s, on a 2-core Xeon beside other jobs), while the state it
-  makes is the default level's bit for bit (tests/test_runtime.py; at
-  level 0, 4% of ResNet-50's initial weights differ by up to 4 ulps, so
-  level 0 is not used). None where JAX already turns most
-  optimisations off (JAX_DISABLE_MOST_OPTIMIZATIONS, as the tests do), which
-  an explicit level would undo."""
+  a run, and its compile was most of a cold build; at level 1 a cold build
+  of ResNet-50 or CvT-13 at 224 px is 1-2 s shorter
+  (experiments/results/startup/), while the state it makes is the default
+  level's bit for bit (tests/test_runtime.py; at level 0, 4% of ResNet-50's
+  initial weights differ by up to 4 ulps, so level 0 is not used). None
+  where JAX already turns most optimisations off
+  (JAX_DISABLE_MOST_OPTIMIZATIONS, as the tests do), which an explicit level
+  would undo."""
   if platform != "cpu" or jax.config.read("jax_disable_most_optimizations"):
     return {}
   return {"xla_backend_optimization_level": 1}

@@ -82,7 +82,8 @@ def measure(model: str, batch: int, size: int, cache: str,
   result = subprocess.run(
       [sys.executable, "-c", _CHILD, model, str(batch), cache,
        repr(time.time()), str(size)],
-      capture_output=True, text=True, env=env, check=False)
+      capture_output=True, text=True, env=env, check=False,
+      cwd=REPO)  # `python -c` puts the working folder first on sys.path
   if result.returncode:
     raise RuntimeError(f"{model}: {result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
