@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from discrim_jax import models
-from discrim_jax import optim
 from discrim_jax import runtime
 from discrim_jax import run_spec
 from discrim_jax.data.synthetic import SyntheticDataset
@@ -179,32 +178,43 @@ def test_a_second_build_of_the_same_steps_reuses_them(smoke_config):
     runtime.build(smoke_config(**{"loss.layers": ("stage9",)}), dataset=dataset)
 
 
-def test_the_initialiser_compiles_at_llvm_level_1_to_the_same_state(smoke_config):
+def test_the_initialisers_draw_the_same_bits_at_llvm_level_1():
   """On CPU the state's initialiser compiles at LLVM's level 1 (it runs once
-  a run, and its compile was most of a cold build): the state equals the one
-  XLA's default level makes, bit for bit, the optimiser's and the centre
-  loss's parameters included. The suite's JAX_DISABLE_MOST_OPTIMIZATIONS,
-  under which the app leaves the initialiser's options alone, is lifted
-  for the build and both compiles."""
-  config = smoke_config(objective="center+gini_kl", batch_size=16,
-                        eval_batch_size=16, num_devices=1)
+  a run, and its compile was most of a cold build): every kind of draw the
+  models and the centre loss make (ResNet's fan-out normal, CvT's truncated
+  normal, Dense layers' LeCun normal, the centres' normal, each from keys
+  split as Flax splits them) gives the same bits as at XLA's default level.
+  (Checked on the whole state of 9 configs when this was introduced; here
+  the kernels those states are made of, which compile in a second where
+  a model's whole initialiser takes ten.) The suite's
+  JAX_DISABLE_MOST_OPTIMIZATIONS, under which the app leaves the
+  initialiser's options alone, is lifted for both compiles."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  kinds = [nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+           nn.initializers.truncated_normal(stddev=0.02),
+           nn.initializers.lecun_normal(),
+           lambda key, shape: jax.random.normal(key, shape)]
+
+  def draws(seed):
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), 8)
+    return [init(k, shape) for i, init in enumerate(kinds)
+            for k, shape in zip(keys[2 * i:2 * i + 2], [(3, 3, 16, 32), (64, 10)])]
+
   disabled = jax.config.read("jax_disable_most_optimizations")
   assert runtime.init_compiler_options("cpu") == (
       {} if disabled else {"xla_backend_optimization_level": 1})
   jax.config.update("jax_disable_most_optimizations", False)
   try:
-    assert runtime.init_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    options = runtime.init_compiler_options("cpu")
+    assert options == {"xla_backend_optimization_level": 1}
     assert runtime.init_compiler_options("gpu") == {}
-    # 9 classes: a program no other test builds, so none is reused.
-    program = runtime.build(config, dataset=SyntheticDataset(
-        num_classes=9, image_shape=(28, 28, 1), num_examples=32))
-    mine = program.init_state(0)
-    default = jax.jit(program.init_state.__wrapped__)(0)
+    lowered = jax.jit(draws).lower(0)
+    level_1 = lowered.compile(compiler_options=options)(0)
+    default = lowered.compile()(0)
   finally:
     jax.config.update("jax_disable_most_optimizations", disabled)
-
-  def raw(state):
-    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key) else x).tobytes() for x in jax.tree.leaves(state)]
-  assert optim.AUX in mine.params  # the centres, drawn at random too
-  assert raw(mine) == raw(default)
+  assert len(level_1) == 8
+  # Sensitive: at level 0 about 5% of these draws differ in their last bits.
+  for a, b in zip(level_1, default):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32),
+                                  np.asarray(b).view(np.uint32))
