@@ -210,7 +210,8 @@ def init_compiler_options(platform: str) -> dict[str, Any]:
   a run, and its compile was most of a cold build; at level 1 a cold build
   of ResNet-50 or CvT-13 at 224 px is 1-2 s shorter
   (experiments/results/startup/), while the state it makes is the default
-  level's bit for bit (tests/test_runtime.py; at level 0, 4% of ResNet-50's
+  level's bit for bit (checked on the whole state of 9 configs; the draws it
+  is made of, in tests/test_runtime.py; at level 0, 4% of ResNet-50's
   initial weights differ by up to 4 ulps, so level 0 is not used). None
   where JAX already turns most optimisations off
   (JAX_DISABLE_MOST_OPTIMIZATIONS, as the tests do), which an explicit level
