@@ -113,7 +113,17 @@ def linear_probe_accuracy(train_features, train_labels, test_features,
   std = jnp.where(std > 0, std, 1.0)
   x = (x - mean) / std
   x_test = (_pooled(test_features) - mean) / std
-  y = jnp.asarray(train_labels)
+  params = _fit_probe(x, jnp.asarray(train_labels), num_classes=num_classes,
+                      l2=l2, steps=steps)
+  predicted = jnp.argmax(x_test @ params["w"] + params["b"], axis=-1)
+  return float(jnp.mean(predicted == jnp.asarray(test_labels)))
+
+
+# The features are arguments, not constants closed over: one compiled
+# program serves every run with the same shapes (a closure compiled anew
+# each call, with the whole training set inside the program).
+@functools.partial(jax.jit, static_argnames=("num_classes", "l2", "steps"))
+def _fit_probe(x, y, *, num_classes: int, l2: float, steps: int):
   params = {"w": jnp.zeros((x.shape[1], num_classes), x.dtype),
             "b": jnp.zeros((num_classes,), x.dtype)}
 
@@ -125,21 +135,15 @@ def linear_probe_accuracy(train_features, train_labels, test_features,
   solver = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
 
-  @jax.jit
-  def fit(params):
-    def step(carry, _):
-      params, state = carry
-      value, grad = value_and_grad(params, state=state)
-      updates, state = solver.update(grad, state, params, value=value,
-                                     grad=grad, value_fn=loss)
-      return (optax.apply_updates(params, updates), state), None
-    (params, _), _ = jax.lax.scan(step, (params, solver.init(params)), None,
-                                  length=steps)
-    return params
-
-  params = fit(params)
-  predicted = jnp.argmax(x_test @ params["w"] + params["b"], axis=-1)
-  return float(jnp.mean(predicted == jnp.asarray(test_labels)))
+  def step(carry, _):
+    params, state = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = solver.update(grad, state, params, value=value,
+                                   grad=grad, value_fn=loss)
+    return (optax.apply_updates(params, updates), state), None
+  (params, _), _ = jax.lax.scan(step, (params, solver.init(params)), None,
+                                length=steps)
+  return params
 
 
 def nc1(features, labels, *, num_classes: int) -> float:

@@ -113,3 +113,29 @@ def test_extract_pools_masks_and_stops_at_max_examples():
                              atol=4 * 2.0**-24 * np.abs(x).max())
   features, labels = rep.extract(fn, iter(batches), max_examples=6)
   assert features["a"].shape == (6, 3) and list(labels) == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_probe_traces_nothing_again_for_a_split_of_the_same_shape():
+  """The training features are the probe fit's arguments, not constants in
+  its program: a second probe on other features of the same shapes (the
+  next run's) traces, and so compiles, nothing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  traces = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event.endswith("jaxpr_trace_duration"):
+      traces.append(kwargs.get("fun_name"))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  counts = []
+  try:
+    for seed in (0, 1):
+      rng = np.random.default_rng(seed)
+      labels = rng.integers(0, 3, 37)
+      features = rng.normal(size=(37, 5)) + labels[:, None]
+      rep.linear_probe_accuracy(features, labels, features[:11], labels[:11],
+                                num_classes=3, steps=7)
+      counts.append(len(traces))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert counts[1] == counts[0], traces[counts[0]:]
