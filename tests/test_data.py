@@ -316,3 +316,11 @@ def test_native_stderr_filter_drops_only_the_named_lines(capfd):
   with tfds_access.native_stderr_without(()):  # nothing named: untouched
     os.write(2, b"oneDNN custom operations are on\n")
   assert capfd.readouterr().err == "oneDNN custom operations are on\n"
+  saved = os.dup(2)
+  os.close(2)  # a process whose stderr is closed still loads TensorFlow
+  try:
+    with tfds_access.native_stderr_without(("oneDNN",)):
+      pass
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)

@@ -105,12 +105,15 @@ _TF_LOADING_NOISE = ("oneDNN custom operations are on",
 def native_stderr_without(noise: tuple[str, ...]):
   """For the block, what is written to file descriptor 2 (native libraries'
   logs included) is held back, then passed on without the lines containing
-  one of ``noise``. No-op for an empty ``noise``."""
-  if not noise:
+  one of ``noise``. No-op for an empty ``noise`` or without a descriptor 2."""
+  try:
+    saved = os.dup(2) if noise else None
+  except OSError:  # no file descriptor 2 (a closed stderr): nothing to filter
+    saved = None
+  if saved is None:
     yield
     return
   sys.stderr.flush()
-  saved = os.dup(2)
   with tempfile.TemporaryFile() as held:
     os.dup2(held.fileno(), 2)
     try:
