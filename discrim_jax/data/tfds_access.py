@@ -105,16 +105,22 @@ _TF_LOADING_NOISE = ("oneDNN custom operations are on",
 def native_stderr_without(noise: tuple[str, ...]):
   """For the block, what is written to file descriptor 2 (native libraries'
   logs included) is held back, then passed on without the lines containing
-  one of ``noise``. No-op for an empty ``noise`` or without a descriptor 2."""
+  one of ``noise``. No-op for an empty ``noise``, or where there is no
+  descriptor 2 or no temporary file to hold it in."""
+  held = saved = None
   try:
-    saved = os.dup(2) if noise else None
-  except OSError:  # no file descriptor 2 (a closed stderr): nothing to filter
+    if noise:
+      held = tempfile.TemporaryFile()  # pylint: disable=consider-using-with
+      saved = os.dup(2)
+  except OSError:  # no descriptor 2 (a closed stderr) or no temporary file
     saved = None
   if saved is None:
+    if held is not None:
+      held.close()
     yield
     return
   sys.stderr.flush()
-  with tempfile.TemporaryFile() as held:
+  with held:
     os.dup2(held.fileno(), 2)
     try:
       yield
