@@ -196,9 +196,8 @@ def test_the_initialisers_draw_the_same_bits_at_llvm_level_1():
            lambda key, shape: jax.random.normal(key, shape)]
 
   def draws(seed):
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), 8)
-    return [init(k, shape) for i, init in enumerate(kinds)
-            for k, shape in zip(keys[2 * i:2 * i + 2], [(3, 3, 16, 32), (64, 10)])]
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), 4)
+    return [init(k, (3, 3, 16, 32)) for init, k in zip(kinds, keys)]
 
   disabled = jax.config.read("jax_disable_most_optimizations")
   assert runtime.init_compiler_options("cpu") == (
@@ -213,7 +212,7 @@ def test_the_initialisers_draw_the_same_bits_at_llvm_level_1():
     default = lowered.compile()(0)
   finally:
     jax.config.update("jax_disable_most_optimizations", disabled)
-  assert len(level_1) == 8
+  assert len(level_1) == 4
   # Sensitive: at level 0 about 5% of these draws differ in their last bits.
   for a, b in zip(level_1, default):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32),
