@@ -135,7 +135,8 @@ def pytest_unconfigure(config):
 
 
 # Seconds each test module took on a 2-core Intel Xeon (`pytest -n 2`, cold
-# compilation cache, 2026-12-06), used only to order them: pytest-xdist runs
+# compilation cache: a clean clone's `make test`, 2026-12-06 at c310761),
+# used only to order them: pytest-xdist runs
 # with --dist loadfile (pyproject.toml), which hands each worker the next
 # whole module when it is nearly done, and the longest first lets the two
 # workers finish together (a 34-s test started last had once left one worker
@@ -145,14 +146,15 @@ def pytest_unconfigure(config):
 # their own order of tests.
 _FIRST = ("test_pretrained.py", "test_models.py")
 _MODULE_SECONDS = {
-    "test_train.py": 168, "test_data_sources.py": 84, "test_faults.py": 81,
-    "test_cli.py": 56, "test_pretrained.py": 52, "test_study.py": 52,
-    "test_runtime.py": 47, "test_checkpoints.py": 44, "test_compare.py": 43,
-    "test_verdict.py": 43, "test_bench.py": 40, "test_models.py": 40,
-    "test_docs.py": 36, "test_objectives.py": 27, "test_packaging.py": 19,
-    "test_baseline_losses.py": 16, "test_losses.py": 15,
-    "test_losses_sharded.py": 13, "test_data.py": 13, "test_fonts.py": 11,
-    "test_workdir.py": 10, "test_representation.py": 8, "test_optim.py": 7,
+    "test_train.py": 118, "test_data_sources.py": 81, "test_faults.py": 73,
+    "test_runtime.py": 56, "test_compare.py": 46, "test_study.py": 39,
+    "test_cli.py": 36, "test_verdict.py": 35, "test_models.py": 32,
+    "test_pretrained.py": 32, "test_bench.py": 27, "test_docs.py": 23,
+    "test_objectives.py": 21, "test_packaging.py": 16,
+    "test_baseline_losses.py": 13, "test_losses.py": 10,
+    "test_losses_sharded.py": 9, "test_checkpoints.py": 9, "test_data.py": 7,
+    "test_optim.py": 7, "test_representation.py": 6, "test_workdir.py": 6,
+    "test_fonts.py": 6, "test_stats.py": 3, "test_features.py": 2,
 }
 
 
