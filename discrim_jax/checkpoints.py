@@ -35,8 +35,8 @@ def _save_replicas_whole_on_cpu() -> None:
     return
   default = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(default, "_use_replica_parallel", True):
-    # Orbax warns of the override it was asked for, on every run's console.
-    expected = _DropMessage("Type handler registry type")
+    def expected(record) -> bool:  # orbax's warning of the asked-for override
+      return not str(record.msg).startswith("Type handler registry type")
     std_logging.getLogger("absl").addFilter(expected)
     try:
       ocp.type_handlers.register_type_handler(
@@ -46,17 +46,6 @@ def _save_replicas_whole_on_cpu() -> None:
           override=True)
     finally:
       std_logging.getLogger("absl").removeFilter(expected)
-
-
-class _DropMessage(std_logging.Filter):
-  """Drops the log records whose format string starts with ``prefix``."""
-
-  def __init__(self, prefix: str):
-    super().__init__()
-    self.prefix = prefix
-
-  def filter(self, record) -> bool:
-    return not str(record.msg).startswith(self.prefix)
 
 
 def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
