@@ -182,8 +182,8 @@ def test_the_initialisers_draw_the_same_bits_at_llvm_level_1():
   """On CPU the state's initialiser compiles at LLVM's level 1 (it runs once
   a run, and its compile was most of a cold build): every kind of draw the
   models and the centre loss make (ResNet's fan-out normal, CvT's truncated
-  normal, Dense layers' LeCun normal, the centres' normal, each from keys
-  split as Flax splits them) gives the same bits as at XLA's default level.
+  normal, Dense layers' LeCun normal, the centres' normal, each from a key
+  of its own) gives the same bits as at XLA's default level.
   (Checked on the whole state of 9 configs when this was introduced; here
   the kernels those states are made of, which compile in a second where
   a model's whole initialiser takes ten.) The suite's
