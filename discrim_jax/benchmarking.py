@@ -153,11 +153,11 @@ def app_config(model: str, batch: int, dtype: str, with_losses: bool,
 def app_program(model: str, batch: int, dtype: str, with_losses: bool,
                 image_size: int = 32, num_classes: int = 100,
                 width_multiplier: float | None = None, **overrides):
-  """``runtime.build`` of :func:`app_config` on synthetic images of
+  """``runtime.build_from_config`` of :func:`app_config` on synthetic images of
   ``image_size`` (``num_classes`` classes)."""
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
   from discrim_jax.data.synthetic import SyntheticDataset  # pylint: disable=g-import-not-at-top
-  return runtime.build(
+  return runtime.build_from_config(
       app_config(model, batch, dtype, with_losses, image_size,
                  width_multiplier, **overrides),
       dataset=SyntheticDataset(num_classes=num_classes, num_examples=batch * 4,
@@ -174,8 +174,8 @@ def model_gflop(program) -> float:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
-  cpu = runtime.build(program.spec.config, dataset=program.dataset,
-                    devices=jax.devices("cpu")[:1])
+  cpu = runtime.build_from_config(program.spec.config, dataset=program.dataset,
+                                  devices=jax.devices("cpu")[:1])
   abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                 cpu.dataset.batch(cpu.spec.batch_size))
   lowered = cpu.train_step.lower(cpu.abstract_state, abstract_batch)

@@ -3,8 +3,9 @@ the data set, the model, a 1-D ``'data'`` mesh, the shardings (batch sharded,
 state replicated, so that BatchNorm and the Gini/KL losses see the global
 batch) and the jitted steps of ``discrim_jax.step_fns``.
 
-:func:`build` gives a :class:`Program` of one model: what a run of one seed
-trains with, what the benchmark times and what the tests check.
+:func:`build` gives a :class:`Program` of one model (of a raw config:
+:func:`build_from_config`): what a run of one seed trains with, what the
+benchmark times and what the tests check.
 ``discrim_jax.seed_groups`` wraps it to train several seeds under
 ``jax.vmap``.
 """
@@ -111,16 +112,28 @@ def create_model(spec, num_classes: int):
     raise ConfigError(f"{e} (--config.model_kwargs...)") from None
 
 
-def build(config, *, dataset: data_lib.Dataset | None = None,
+def build_from_config(config, *, dataset: data_lib.Dataset | None = None,
+                      devices: list[jax.Device] | None = None) -> Program:
+  """:func:`build` of ``config`` resolved for ``devices`` (default:
+  ``jax.devices()``): ``run_spec.resolve`` then ``build``, in one call."""
+  devices = list(jax.devices() if devices is None else devices)
+  return build(run_spec_lib.resolve(config, len(devices), devices[0].platform),
+               dataset=dataset, devices=devices)
+
+
+def build(spec: run_spec_lib.RunSpec, *,
+          dataset: data_lib.Dataset | None = None,
           devices: list[jax.Device] | None = None) -> Program:
-  """The :class:`Program` of a config (or an already resolved RunSpec).
+  """The :class:`Program` of a resolved spec (``run_spec.resolve``; a raw
+  config goes through :func:`build_from_config`).
 
   ``devices``: those of the mesh (default: ``jax.devices()``); the first
-  ``config.num_devices`` of them where that is set.
+  ``spec.num_devices`` of them.
   """
+  if not isinstance(spec, run_spec_lib.RunSpec):
+    raise TypeError(f"runtime.build takes a RunSpec, got {type(spec).__name__}:"
+                    " resolve it first, or call runtime.build_from_config")
   devices = list(jax.devices() if devices is None else devices)
-  spec = (config if isinstance(config, run_spec_lib.RunSpec)
-          else run_spec_lib.resolve(config, len(devices), devices[0].platform))
   dataset = load_dataset(spec) if dataset is None else dataset
   model = create_model(spec, dataset.num_classes)
   image_shape = (1,) + tuple(dataset.image_shape)
@@ -173,9 +186,9 @@ def _compile_steps(spec, model, num_classes, image_shape, steps_per_epoch,
   mesh = jax.make_mesh((spec.num_devices,), ("data",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
   schedule = optim.create_schedule(spec, steps_per_epoch)
+  tx = optim.create_optimizer(spec, schedule)
   init_state = step_fns.init_fn(
-      model, optim.create_optimizer(spec, schedule), image_shape,
-      jnp.dtype(model.dtype), step_fns.aux_init_fn(
+      model, tx, image_shape, jnp.dtype(model.dtype), step_fns.aux_init_fn(
           spec.objective.baselines, shapes, num_classes))
   replicated = NamedSharding(mesh, P())
   abstract_state = jax.eval_shape(init_state, 0)

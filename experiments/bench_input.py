@@ -115,7 +115,7 @@ def _train_step_rates() -> dict:
     config = benchmarking.app_config("resnet18", batch, "float32", True)
     config.model_kwargs.width_multiplier = width
     config.loss.layers = ("stage4",)
-    program = runtime.build(config, dataset=SyntheticDataset(
+    program = runtime.build_from_config(config, dataset=SyntheticDataset(
         num_classes=100, image_shape=shape, num_examples=batch))
     batch_arrays = data.to_global_batch(
         program.dataset.batch(batch), program.batch_sharding)

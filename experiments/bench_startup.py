@@ -11,7 +11,7 @@ with the cache the first filled (warm: a rerun or resume). Each process
 reports its phases, seconds since the interpreter started:
 
 * ``imports``: JAX, Flax and the app's modules;
-* ``build``: ``runtime.build`` (model init traced, shapes, shardings);
+* ``build``: ``runtime.build_from_config`` (model init traced, shapes, shardings);
 * ``trace``: ``jax.jit(...).trace`` of the train step (Python tracing);
 * ``lower``: lowering to StableHLO;
 * ``compile``: XLA's passes and code generation, or the cache's load;
@@ -55,7 +55,7 @@ mark("imports")
 model, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[5])
 config = benchmarking.app_config(model, batch, "float32", True, size,
                                  num_devices=1)
-program = runtime.build(config, dataset=SyntheticDataset(
+program = runtime.build_from_config(config, dataset=SyntheticDataset(
     num_classes=1000, image_shape=(size, size, 3), num_examples=batch))
 state = program.init_state(0)
 images = benchmarking.app_batch(program)

@@ -44,7 +44,7 @@ def test_missing_baseline_layer_fails_before_anything_is_built(smoke_config):
   config = smoke_config(objective="opl", **{"baseline.opl.layer": "stage7"})
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.baseline.opl.layer names \['stage7'\].*pre_logits"):
-    runtime.build(config, dataset=SyntheticDataset(**_DATA))
+    runtime.build_from_config(config, dataset=SyntheticDataset(**_DATA))
 
 
 def test_identity_holds_only_the_baselines_an_objective_uses(smoke_config):
@@ -83,7 +83,7 @@ def test_center_loss_centres_move_by_sgd_at_their_own_rate(smoke_config):
       "loss.start_epoch": 0.0, "model_kwargs.dtype": "float64",
       "baseline.center.weight": 0.01, "baseline.center.lr": 0.3})
   with jax.enable_x64(True):
-    program = runtime.build(config, dataset=SyntheticDataset(**_DATA))
+    program = runtime.build_from_config(config, dataset=SyntheticDataset(**_DATA))
     state = program.init_state(0)
     centers = np.asarray(state.params[optim.AUX]["centers"])
     assert centers.shape == (10, 64) and centers.dtype == np.float64
@@ -104,7 +104,7 @@ def test_supcon_head_is_trained_and_inference_does_not_use_it(smoke_config):
   dataset = SyntheticDataset(**_DATA)
   config = smoke_config(objective="supcon", batch_size=16, eval_batch_size=16,
                         **{"loss.start_epoch": 0.0})
-  program = runtime.build(config, dataset=dataset)
+  program = runtime.build_from_config(config, dataset=dataset)
   state = program.init_state(0)
   head = jax.device_get(state.params[optim.AUX]["projection"])
   assert head["out"]["kernel"].shape == (64, 128)
@@ -115,8 +115,9 @@ def test_supcon_head_is_trained_and_inference_does_not_use_it(smoke_config):
   assert not np.allclose(moved["out"]["kernel"], head["out"]["kernel"])
   # The model's own parameters are exactly a CE model's, and a CE model
   # holding them evaluates exactly as the SupCon program does.
-  ce = runtime.build(smoke_config(objective="ce", batch_size=16, eval_batch_size=16),
-                   dataset=dataset)
+  ce = runtime.build_from_config(
+      smoke_config(objective="ce", batch_size=16, eval_batch_size=16),
+      dataset=dataset)
   ce_state = ce.init_state(0)
   mine = step_fns.model_params(state.params)
   assert jax.tree.structure(mine) == jax.tree.structure(ce_state.params)
@@ -126,7 +127,7 @@ def test_supcon_head_is_trained_and_inference_does_not_use_it(smoke_config):
 
 
 def test_features_are_the_unaugmented_split_in_order(fashion, smoke_config):
-  program = runtime.build(smoke_config(), dataset=fashion)
+  program = runtime.build_from_config(smoke_config(), dataset=fashion)
   state = program.init_state(0)
   metrics, features, labels = evaluation.features(program, state, "train", max_examples=100)
   assert metrics is None  # not the whole split
@@ -157,7 +158,7 @@ def test_run_reports_representation_metrics(fashion, tmp_path, smoke_config,
   assert summary["nc1/pre_logits"] > 0 and summary["gini/stage4"] > 0
   assert summary["representation_time_s"] > 0
   # The values are those of the best-validation checkpoint's features.
-  program = runtime.build(config, dataset=fashion)
+  program = runtime.build_from_config(config, dataset=fashion)
   from discrim_jax import checkpoints  # pylint: disable=g-import-not-at-top
   manager, step, state = checkpoints.restore_latest(
       config, tmp_path, program.abstract_state)

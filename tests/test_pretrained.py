@@ -204,8 +204,8 @@ def test_convert_cli_and_training_from_it(tmp_path, smoke_config):
   config.unlock()
   config.model_kwargs.stem = "imagenet"
   config.init_from = str(out)
-  program = runtime.build(config, dataset=SyntheticDataset(num_classes=7,
-                                                         image_shape=(64, 64, 3)))
+  program = runtime.build_from_config(
+      config, dataset=SyntheticDataset(num_classes=7, image_shape=(64, 64, 3)))
   state = pretrained.into_state(config.init_from, config.model,
                                 program.init_state(0), program.state_sharding)
   np.testing.assert_allclose(

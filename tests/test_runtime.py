@@ -33,8 +33,8 @@ def test_fusion_barrier_switch_is_applied_once_by_build(smoke_config):
                              num_examples=64)
   loops = {}
   for barriers in (True, False):
-    program = runtime.build(smoke_config(xla_cpu_fusion_barriers=barriers),
-                          dataset=dataset)
+    program = runtime.build_from_config(
+        smoke_config(xla_cpu_fusion_barriers=barriers), dataset=dataset)
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                          dataset.batch(64))
     text = program.train_step.lower(program.abstract_state, batch).as_text()
@@ -62,7 +62,7 @@ def test_ynn_fusion_reaches_the_compiled_step_and_keeps_the_numbers(fashion,
   runs = {}
   for kinds in ("dot,reduce", "dot", ""):
     config = smoke_config(xla_cpu_ynn_fusion=kinds)
-    program = runtime.build(config, dataset=fashion)
+    program = runtime.build_from_config(config, dataset=fashion)
     state = program.init_state(config.seed)
     batch = next(program.batches("train", train=True))
     hlo = program.train_step.lower(state, batch).compile().as_text()
@@ -92,7 +92,7 @@ def test_every_paper_config_builds_its_first_step(config_file, shape, num_classe
   config = module.get_config(f"model={model},objective=gini_kl")
   config.unlock()
   config.num_devices = 1
-  program = runtime.build(config, dataset=SyntheticDataset(
+  program = runtime.build_from_config(config, dataset=SyntheticDataset(
       num_classes=num_classes, image_shape=shape, num_examples=config.batch_size))
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *shape), np.float32),
            "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32),
@@ -119,7 +119,7 @@ from experiments.configs import fashion_mnist
 config = fashion_mnist.get_config("smoke")
 config.num_devices = 1
 dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1), num_examples=64)
-program = runtime.build(config, dataset=dataset)
+program = runtime.build_from_config(config, dataset=dataset)
 batch = data.to_global_batch(dataset.batch(64), program.batch_sharding)
 _, metrics = program.train_step(program.init_state(0), batch)
 print("loss", float(metrics["loss"]))
@@ -149,10 +149,10 @@ def test_build_on_given_devices(smoke_config):
   dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
                              num_examples=64)
   devices = jax.devices()[2:4]
-  program = runtime.build(config, dataset=dataset, devices=devices)
+  program = runtime.build_from_config(config, dataset=dataset, devices=devices)
   assert list(program.mesh.devices.flat) == devices
   config.num_devices = 1
-  program = runtime.build(config, dataset=dataset, devices=devices)
+  program = runtime.build_from_config(config, dataset=dataset, devices=devices)
   assert list(program.mesh.devices.flat) == devices[:1]
 
 
@@ -161,21 +161,28 @@ def test_a_second_build_of_the_same_steps_reuses_them(smoke_config):
   functions (no new trace); a change the steps depend on does not."""
   dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
                              num_examples=64)
-  first = runtime.build(smoke_config(), dataset=dataset)
-  again = runtime.build(smoke_config(seed=3, log_every_steps=1,
-                                     keep_checkpoints=1), dataset=dataset)
+  first = runtime.build_from_config(smoke_config(), dataset=dataset)
+  again = runtime.build_from_config(
+      smoke_config(seed=3, log_every_steps=1, keep_checkpoints=1),
+      dataset=dataset)
   assert again.train_step is first.train_step
   assert again.init_state is first.init_state and again.spec.seed == 3
-  other = runtime.build(smoke_config(**{"optimizer.lr": 0.05}), dataset=dataset)
+  other = runtime.build_from_config(smoke_config(**{"optimizer.lr": 0.05}),
+                                    dataset=dataset)
   assert other.train_step is not first.train_step
   # The same spec on other data (another number of steps per epoch): new steps.
   bigger = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
                             num_examples=128)
-  assert runtime.build(smoke_config(), dataset=bigger).train_step is not (
-      first.train_step)
+  assert runtime.build_from_config(
+      smoke_config(), dataset=bigger).train_step is not first.train_step
   # The checks of a build still run (a layer the model lacks).
   with pytest.raises(runtime.ConfigError, match="stage9"):
-    runtime.build(smoke_config(**{"loss.layers": ("stage9",)}), dataset=dataset)
+    runtime.build_from_config(smoke_config(**{"loss.layers": ("stage9",)}),
+                              dataset=dataset)
+  # build itself reads a resolved spec only; a raw config is named as such.
+  with pytest.raises(TypeError,
+                     match="RunSpec, got ConfigDict.*build_from_config"):
+    runtime.build(smoke_config(), dataset=dataset)
 
 
 def test_the_initialisers_draw_the_same_bits_at_llvm_level_1():
