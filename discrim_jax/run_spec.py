@@ -109,7 +109,8 @@ class RunSpec:
     if self.batch_size > num_train:
       raise ConfigError(
           f"config.batch_size={self.batch_size} exceeds the {num_train} "
-          f"training examples of {self.dataset}")
+          f"training examples of {self.dataset}; use at most {num_train} "
+          "(--config.batch_size=...)")
 
 
 def resolve(config, num_devices: int, platform: str = "cpu") -> RunSpec:

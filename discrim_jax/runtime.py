@@ -135,6 +135,7 @@ def build(spec: run_spec_lib.RunSpec, *,
                     " resolve it first, or call runtime.build_from_config")
   devices = list(jax.devices() if devices is None else devices)
   dataset = load_dataset(spec) if dataset is None else dataset
+  spec.check_batch(dataset.num_examples("train"))  # before anything compiles
   model = create_model(spec, dataset.num_classes)
   image_shape = (1,) + tuple(dataset.image_shape)
   steps_per_epoch = data_lib.steps_per_epoch(dataset, spec.batch_size)
@@ -145,7 +146,6 @@ def build(spec: run_spec_lib.RunSpec, *,
   if steps is None:
     steps = _compile_steps(spec, model, dataset.num_classes, image_shape,
                            steps_per_epoch, devices)
-  spec.check_batch(dataset.num_examples("train"))
   _STEPS[key] = steps  # the most recently used last
   while len(_STEPS) > _MAX_CACHED_STEPS:
     _STEPS.pop(next(iter(_STEPS)))

@@ -41,7 +41,8 @@ def test_baseline_config_errors(field, value, match, smoke_config):
 
 
 def test_missing_baseline_layer_fails_before_anything_is_built(smoke_config):
-  config = smoke_config(objective="opl", **{"baseline.opl.layer": "stage7"})
+  config = smoke_config(objective="opl", batch_size=16,
+                        **{"baseline.opl.layer": "stage7"})
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.baseline.opl.layer names \['stage7'\].*pre_logits"):
     runtime.build_from_config(config, dataset=SyntheticDataset(**_DATA))

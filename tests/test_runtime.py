@@ -14,6 +14,7 @@ import pytest
 from discrim_jax import models
 from discrim_jax import runtime
 from discrim_jax import run_spec
+from discrim_jax import step_fns
 from discrim_jax.data.synthetic import SyntheticDataset
 from discrim_jax.models import common
 from experiments.configs import caltech101 as caltech101_config
@@ -183,6 +184,21 @@ def test_a_second_build_of_the_same_steps_reuses_them(smoke_config):
   with pytest.raises(TypeError,
                      match="RunSpec, got ConfigDict.*build_from_config"):
     runtime.build(smoke_config(), dataset=dataset)
+
+
+def test_a_batch_larger_than_the_training_split_fails_before_compiling(
+    smoke_config, monkeypatch):
+  dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
+                             num_examples=48)
+
+  def compiled(*args, **kwargs):
+    raise AssertionError("the steps were built before the batch was checked")
+
+  monkeypatch.setattr(step_fns, "feature_shapes", compiled)
+  with pytest.raises(runtime.ConfigError,
+                     match=r"batch_size=64 exceeds the 48 training examples"
+                           r".*use at most 48 \(--config.batch_size=...\)"):
+    runtime.build_from_config(smoke_config(), dataset=dataset)
 
 
 def test_the_initialisers_draw_the_same_bits_at_llvm_level_1():
