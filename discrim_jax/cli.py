@@ -95,12 +95,39 @@ def in_workdir(workdir: str):
 
 def parse_flags(argv):
   """absl's flag parser, with a one-line error for a bad flag or override."""
+  missing = _missing_config_file(argv)
+  if missing:
+    print(f"error: {missing}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"error: bad flag: {one_line(e)}{_unknown_field_hint(argv)} (see "
           "--helpfull)", file=sys.stderr)
     sys.exit(2)
+
+
+def _missing_config_file(argv) -> str:
+  """For ``--config=FILE[:ARGS]`` (or ``--config FILE``) naming no file: the
+  error, with the experiment configs (ml_collections would say it only when
+  the config is first read, after a long preamble)."""
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(args):
+      value = args[i + 1]
+    else:
+      continue
+    path = Path(value.split(":", 1)[0])
+    if "://" in value or path.is_file():
+      return ""
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    configs = sorted(os.path.relpath(p) for p in folder.glob("*.py")
+                     if p.name != "__init__.py")
+    return (f"--config={value}: no such file {str(path)!r}"
+            + (f"; config files: {', '.join(configs)}" if configs else ""))
+  return ""
 
 
 def _unknown_field_hint(argv) -> str:

@@ -84,6 +84,18 @@ def test_cli_unreadable_checkpoint_is_one_line_without_tracebacks(
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def test_cli_missing_config_file_is_one_line_listing_the_configs(tmp_path):
+  for args in (("--config=experiments/configs/nope.py:smoke",),
+               ("--config", "experiments/configs/nope.py")):
+    result = _cli(*args, f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        "error: --config=experiments/configs/nope.py"), result.stderr
+    assert "no such file" in result.stderr and (
+        "experiments/configs/fashion_mnist.py" in result.stderr)
+  assert not (tmp_path / "run").exists()
+
+
 def test_cli_unknown_field_is_rejected(tmp_path):
   result = _cli("--config=experiments/configs/fashion_mnist.py:smoke",
                 f"--workdir={tmp_path}", "--config.modle=resnet18")
