@@ -73,6 +73,35 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def overview(named: dict[str, dict[str, Any]]) -> str:
+  """One table over several verdicts' regimes (``named``: a data set's label,
+  e.g. "Fashion-MNIST", to its results): per regime and objective the tuned
+  setting, the confirmation's test accuracy and the paired Δ to tuned CE
+  with its Holm-adjusted p; a Δ is bold only where that p is under 0.05."""
+  lines = ["| data | objective | tuned setting | test acc. (%) "
+           "| Δ to tuned CE (points) | p (Holm) |", "|---|---|---|---|---|---|"]
+  for label, results in named.items():
+    for row in results["regimes"].values():
+      where = f"{label}, {row['regime']['per_class']} per class"
+      for objective, entry in row["objectives"].items():
+        runs = entry["confirm"]
+        acc = (f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f} ± "
+               f"{100 * np.std([r['test_accuracy'] for r in runs], ddof=1):.2f}"
+               if runs else "–")
+        t = entry.get("test_accuracy")
+        diff, (p,) = _comparison(t, ("p_holm" if results["complete"]
+                                     else "p_bonferroni",))
+        if t and results["complete"] and t["p_holm"] < 0.05:
+          diff = f"**{diff}**"
+        if p != "–" and not results["complete"]:
+          p += " (Bonferroni: runs missing)"
+        setting = _setting(entry) + (" (defaults)" if entry["chosen"] == 0 else "")
+        lines.append(f"| {where} | {config_lib.objective_name(objective)} | "
+                     f"{setting} | {acc} | {diff} | {p} |")
+        where = ""
+  return "\n".join(lines)
+
+
 def _comparison(t: dict[str, Any] | None, p_keys) -> tuple[str, list[str]]:
   """A paired comparison's table cells: Δ in points with its 95% interval,
   and the p-values named by ``p_keys`` ("–" where missing)."""

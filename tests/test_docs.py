@@ -177,3 +177,20 @@ def test_every_interval_the_docs_quote_is_in_a_committed_table():
   unknown = {f"[{low}, {high}]": where for (low, high), where in quoted.items()
              if (low, high) not in known}
   assert not unknown, f"intervals in no committed table: {unknown}"
+
+
+def test_readme_verdict_table_is_the_committed_verdicts():
+  """README.md's table of every regime's tuned settings and paired Δ is
+  ``verdict_report.overview`` of the committed verdict.json files (whose
+  own test recomputes them from the per-run values): no number in it is
+  typed by hand, and a rerun verdict without a new table fails here."""
+  from discrim_jax import verdict_report  # pylint: disable=g-import-not-at-top
+  results = REPO / "experiments" / "results"
+  table = verdict_report.overview({
+      label: json.loads((results / name / "verdict.json").read_text())
+      for label, name in (("Fashion-MNIST", "verdict_fashion"),
+                          ("fonts", "verdict_fonts"))})
+  assert table.count("\n") >= 21  # 2 header lines, 4 regimes x 5 objectives
+  assert table in (REPO / "README.md").read_text(), (
+      "README.md's verdict table differs from the committed verdicts; paste:\n"
+      + table)

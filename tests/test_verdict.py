@@ -370,3 +370,32 @@ def test_committed_results_recompute_from_their_per_seed_values(name, config_nam
   with pytest.raises(config_lib.ConfigError, match=f"{regimes[0].name} is"):
     verdict.load_recorded(path, base, [dataclasses.replace(
         regimes[0], candidates=regimes[0].candidates + 1)])
+
+def test_overview_bolds_only_what_survives_holm():
+  """verdict_report.overview (README's table): a Δ is bold only where its
+  Holm-adjusted p is under 0.05, and an incomplete verdict's p is marked as
+  Bonferroni's."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from discrim_jax import verdict_report  # pylint: disable=g-import-not-at-top
+  path = (Path(__file__).parents[1] / "experiments" / "results" /
+          "verdict_fashion" / "verdict.json")
+  results = json.loads(path.read_text())
+  assert results["complete"]
+  table = verdict_report.overview({"F": results})
+  assert "**" not in table  # every Holm p there is at least 0.1
+  survives = copy.deepcopy(results)
+  survives["regimes"]["500_per_class"]["objectives"]["supcon"]["test_accuracy"][
+      "p_holm"] = 0.01
+  rows = verdict_report.overview({"F": survives}).splitlines()
+  bold = [r for r in rows if "**" in r]
+  assert len(bold) == 1 and "| CE+SupCon |" in bold[0] and "**-1.07 [" in bold[0]
+  incomplete = copy.deepcopy(results)
+  incomplete["complete"] = False
+  for row in incomplete["regimes"].values():
+    for entry in row["objectives"].values():
+      if "test_accuracy" in entry:
+        entry["test_accuracy"]["p_bonferroni"] = 0.5
+  rows = verdict_report.overview({"F": incomplete}).splitlines()
+  assert sum("0.5 (Bonferroni: runs missing)" in r for r in rows) == 8
+  assert rows[2].startswith("| F, 20 per class | CE |")
