@@ -134,8 +134,9 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ[_DATA_FOLDER], ignore_errors=True)
 
 
-# Seconds each test module took on a 2-core Intel Xeon (`pytest -n 2`, cold
-# compilation cache: a clean clone's `make test`, 2026-12-06 at c310761),
+# Seconds each test module took on a 2-core Intel Xeon (family 6, model 207;
+# `pytest -n 2`, cold compilation cache: a clean clone's `make test`,
+# 2026-12-07 at 0125688 with gc.freeze below),
 # used only to order them: pytest-xdist runs
 # with --dist loadfile (pyproject.toml), which hands each worker the next
 # whole module when it is nearly done, and the longest first lets the two
@@ -146,15 +147,15 @@ def pytest_unconfigure(config):
 # their own order of tests.
 _FIRST = ("test_pretrained.py", "test_models.py")
 _MODULE_SECONDS = {
-    "test_train.py": 118, "test_data_sources.py": 81, "test_faults.py": 73,
-    "test_runtime.py": 56, "test_compare.py": 46, "test_study.py": 39,
-    "test_cli.py": 36, "test_verdict.py": 35, "test_models.py": 32,
-    "test_pretrained.py": 32, "test_bench.py": 27, "test_docs.py": 23,
-    "test_objectives.py": 21, "test_packaging.py": 16,
-    "test_baseline_losses.py": 13, "test_losses.py": 10,
-    "test_losses_sharded.py": 9, "test_checkpoints.py": 9, "test_data.py": 7,
-    "test_optim.py": 7, "test_representation.py": 6, "test_workdir.py": 6,
-    "test_fonts.py": 6, "test_stats.py": 3, "test_features.py": 2,
+    "test_train.py": 94, "test_data_sources.py": 67, "test_faults.py": 61,
+    "test_compare.py": 49, "test_runtime.py": 40, "test_study.py": 36,
+    "test_cli.py": 34, "test_bench.py": 29, "test_models.py": 27,
+    "test_pretrained.py": 26, "test_docs.py": 25, "test_verdict.py": 24,
+    "test_objectives.py": 22, "test_packaging.py": 15,
+    "test_checkpoints.py": 14, "test_baseline_losses.py": 12,
+    "test_losses_sharded.py": 11, "test_losses.py": 9, "test_workdir.py": 8,
+    "test_data.py": 7, "test_representation.py": 6, "test_optim.py": 5,
+    "test_fonts.py": 5, "test_features.py": 2, "test_stats.py": 1,
 }
 
 
@@ -162,6 +163,20 @@ _MODULE_SECONDS = {
 def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: (item.path.name not in _FIRST,
                                 -_MODULE_SECONDS.get(item.path.name, 0)))
+
+
+def pytest_collection_finish(session):
+  """Every test module is imported, and with them JAX, TensorFlow and
+  PyTorch: some 800,000 objects that live as long as the process. A full
+  garbage collection walks them all (0.3 s and more here), and
+  statsmodels' Holm correction runs one at each call (the harnesses' tables
+  call it often), as pytest does at its end; frozen, they are left out of
+  every collection (``gc.freeze``), and what the tests make is still
+  collected as before."""
+  del session
+  import gc  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  gc.freeze()
 
 
 @pytest.fixture(scope="session")
