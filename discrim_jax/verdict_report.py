@@ -13,6 +13,8 @@ from discrim_jax import _app
 
 _app.require(__name__)
 
+import math
+import statistics
 from typing import Any
 
 from etils import epath
@@ -49,10 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
               "| objective | tuned setting | test acc. (%) | Δ to CE (points) "
               "| p (t) | p (Holm) | p (sign flip) |", "|---|---|---|---|---|---|---|"]
     for objective, entry in row["objectives"].items():
-      runs = entry["confirm"]
-      acc = (f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f} ± "
-             f"{100 * np.std([r['test_accuracy'] for r in runs], ddof=1):.2f}"
-             if runs else "–")
+      acc = _accuracy(entry["confirm"])
       t = entry.get("test_accuracy")
       holm = "p_holm" if "p_holm" in (t or {}) else "p_bonferroni"
       diff, ps = _comparison(t, ("p_t", holm, "p_sign_flip"))
@@ -84,10 +83,7 @@ def overview(named: dict[str, dict[str, Any]]) -> str:
     for row in results["regimes"].values():
       where = f"{label}, {row['regime']['per_class']} per class"
       for objective, entry in row["objectives"].items():
-        runs = entry["confirm"]
-        acc = (f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f} ± "
-               f"{100 * np.std([r['test_accuracy'] for r in runs], ddof=1):.2f}"
-               if runs else "–")
+        acc = _accuracy(entry["confirm"])
         t = entry.get("test_accuracy")
         diff, (p,) = _comparison(t, ("p_holm" if results["complete"]
                                      else "p_bonferroni",))
@@ -100,6 +96,18 @@ def overview(named: dict[str, dict[str, Any]]) -> str:
                      f"{setting} | {acc} | {diff} | {p} |")
         where = ""
   return "\n".join(lines)
+
+
+def _accuracy(runs) -> str:
+  """The confirmation runs' mean test accuracy ± its standard deviation (%).
+  Exactly rounded sums (``math.fsum``, ``statistics.stdev``): a mean such as
+  91.115 sits on a rounding tie, where a summation order that another CPU's
+  vector units choose could flip the last digit the tables show."""
+  if not runs:
+    return "–"
+  acc = [r["test_accuracy"] for r in runs]
+  return (f"{100 * math.fsum(acc) / len(acc):.2f} ± "
+          f"{100 * statistics.stdev(acc):.2f}")
 
 
 def _comparison(t: dict[str, Any] | None, p_keys) -> tuple[str, list[str]]:
