@@ -136,7 +136,7 @@ def pytest_unconfigure(config):
 
 # Seconds each test module took on a 2-core Intel Xeon (family 6, model 207;
 # `pytest -n 2`, cold compilation cache: a clean clone's `make test`,
-# 2026-12-07 at 0125688 with gc.freeze below),
+# 2026-12-07 at a48433b with gc.freeze below),
 # used only to order them: pytest-xdist runs
 # with --dist loadfile (pyproject.toml), which hands each worker the next
 # whole module when it is nearly done, and the longest first lets the two
