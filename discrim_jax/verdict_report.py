@@ -53,8 +53,7 @@ def markdown(results: dict[str, Any]) -> str:
     for objective, entry in row["objectives"].items():
       acc = _accuracy(entry["confirm"])
       t = entry.get("test_accuracy")
-      holm = "p_holm" if "p_holm" in (t or {}) else "p_bonferroni"
-      diff, ps = _comparison(t, ("p_t", holm, "p_sign_flip"))
+      diff, ps = _comparison(t, ("p_t", _holm_key(t), "p_sign_flip"))
       lines.append(f"| {config_lib.objective_name(objective)} | "
                    f"{_setting(entry)} | {acc} | {diff} | " + " | ".join(ps) + " |")
     lines.append("")
@@ -85,11 +84,11 @@ def overview(named: dict[str, dict[str, Any]]) -> str:
       for objective, entry in row["objectives"].items():
         acc = _accuracy(entry["confirm"])
         t = entry.get("test_accuracy")
-        diff, (p,) = _comparison(t, ("p_holm" if results["complete"]
-                                     else "p_bonferroni",))
-        if t and results["complete"] and t["p_holm"] < 0.05:
+        key = _holm_key(t)
+        diff, (p,) = _comparison(t, (key,))
+        if key == "p_holm" and t["p_holm"] < 0.05:
           diff = f"**{diff}**"
-        if p != "–" and not results["complete"]:
+        if p != "–" and key == "p_bonferroni":
           p += " (Bonferroni: runs missing)"
         setting = _setting(entry) + (" (defaults)" if entry["chosen"] == 0 else "")
         lines.append(f"| {where} | {config_lib.objective_name(objective)} | "
@@ -105,9 +104,19 @@ def _accuracy(runs) -> str:
   vector units choose could flip the last digit the tables show."""
   if not runs:
     return "–"
+  return (f"{_mean_accuracy(runs)} ± "
+          f"{100 * statistics.stdev([r['test_accuracy'] for r in runs]):.2f}")
+
+
+def _mean_accuracy(runs) -> str:
   acc = [r["test_accuracy"] for r in runs]
-  return (f"{100 * math.fsum(acc) / len(acc):.2f} ± "
-          f"{100 * statistics.stdev(acc):.2f}")
+  return f"{100 * math.fsum(acc) / len(acc):.2f}"
+
+
+def _holm_key(t: dict[str, Any] | None) -> str:
+  """Where a comparison's Holm p is: kept once the whole family is in,
+  Bonferroni's p over the family (≥ Holm's) until then."""
+  return "p_holm" if "p_holm" in (t or {}) else "p_bonferroni"
 
 
 def _comparison(t: dict[str, Any] | None, p_keys) -> tuple[str, list[str]]:
@@ -127,8 +136,8 @@ def _capacity_lines(table, seeds) -> list[str]:
            "| CE's last sixth (points) |",
            "|---|---|---|---|---|---|---|"]
   for w, entry in table.items():
-    accs = [f"{100 * np.mean([r['test_accuracy'] for r in runs]):.2f}"
-            if runs else "–" for runs in entry["runs"].values()]
+    accs = [_mean_accuracy(runs) if runs else "–"
+            for runs in entry["runs"].values()]
     diff, ps = _comparison(entry.get("test_accuracy"), ("p_t", "p_holm"))
     p = entry.get("ce_plateau")
     last = ("–" if p is None else f"{p['last_sixth_gain_points']:+.2f}, "
