@@ -12,6 +12,7 @@ _app.require(__name__)
 
 import json
 import logging as std_logging
+import sys
 import time
 
 from absl import logging
@@ -65,11 +66,39 @@ def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
                                options=options)
 
 
+def _is_closed_event_loop(unraisable) -> bool:
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and "Event loop is closed" in str(unraisable.exc_value))
+
+
+def _quiet_closed_event_loops() -> None:
+  """Drops the "Event loop is closed" errors that tensorstore's callbacks
+  raise after orbax has closed the event loop of a failed restore: reads
+  still in flight finish on other threads, often seconds later, and each
+  prints a traceback (an unraisable exception) that says nothing a user can
+  act on, after the one-line message that does. They go to the log at debug
+  level; any other unraisable exception is handled as before. Installed once
+  per process, by the first restore that fails."""
+  default = sys.unraisablehook
+  if getattr(default, "drops_closed_event_loops", False):
+    return
+
+  def hook(unraisable):
+    if _is_closed_event_loop(unraisable):
+      logging.debug("ignored after a closed event loop: %r", unraisable.exc_value)
+      return
+    default(unraisable)
+
+  hook.drops_closed_event_loops = True
+  sys.unraisablehook = hook
+
+
 def restore(manager, step: int, abstract_state, workdir: epath.Path):
   """The state saved at ``step``; a one-line RuntimeError if unreadable."""
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # orbax raises many types for unreadable files
+    _quiet_closed_event_loops()
     raise RuntimeError(
         f"cannot restore the checkpoint of step {step} in {workdir / 'checkpoints'} "
         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move that step's "

@@ -219,24 +219,6 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
                  jax.process_count())
 
 
-def _quiet_closed_event_loops() -> None:
-  """Drops "Event loop is closed" errors that tensorstore's callbacks raise
-  after orbax has closed the event loop of a failed restore: they are
-  printed as unraisable exceptions (from other threads, often after the
-  one-line error) and say nothing the user can act on. They go to the log
-  file instead; any other unraisable exception is printed as before."""
-  default = sys.unraisablehook
-
-  def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and "Event loop is closed" in str(unraisable.exc_value)):
-      logging.debug("ignored after a closed event loop: %r", unraisable.exc_value)
-      return
-    default(unraisable)
-
-  sys.unraisablehook = hook
-
-
 def run_with_one_line_errors(fn):
   """Runs ``fn()`` for an entry point: quiet library logs, the compilation
   cache, and a one-line ``error: ...`` with exit status 1 for the errors a
@@ -246,7 +228,6 @@ def run_with_one_line_errors(fn):
   keep_library_caches_in_cache_root()
   quiet_console()
   quiet_library_logs()
-  _quiet_closed_event_loops()
   enable_compilation_cache()
   from discrim_jax import stopping  # pylint: disable=g-import-not-at-top
   try:

@@ -3,12 +3,22 @@ moved aside, another config refused, non-identity changes accepted."""
 
 import json
 import shutil
+import sys
+import types
 
+from etils import epath
 import pytest
 
+from discrim_jax import checkpoints
 from discrim_jax import config_lib
 from discrim_jax import train
 from discrim_jax import workdir as workdir_lib
+
+# A failed restore leaves tensorstore reads in flight whose callbacks find
+# orbax's event loop closed; each would print a traceback (an unraisable
+# exception) after the one-line message. None may reach pytest here.
+pytestmark = pytest.mark.filterwarnings(
+    "error::pytest.PytestUnraisableExceptionWarning")
 
 
 class Interrupt(Exception):
@@ -93,6 +103,26 @@ def test_checkpoint_with_corrupt_step_metadata_still_resumes(
   again = train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
   assert again["test_accuracy"] == first["test_accuracy"]
   assert not (tmp_path / "unreadable_checkpoints").exists()
+
+
+def test_a_failed_restore_drops_only_closed_event_loop_errors(tmp_path,
+                                                             monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)  # undone after the test
+  manager = checkpoints.checkpoint_manager(1, epath.Path(tmp_path))
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+  sys.unraisablehook(closed)  # before any restore failed: passed on
+  hooks = []
+  for _ in range(2):
+    with pytest.raises(RuntimeError, match="cannot restore the checkpoint of step 3"):
+      checkpoints.restore(manager, 3, {}, epath.Path(tmp_path))  # no such step
+    hooks.append(sys.unraisablehook)
+  manager.close()
+  assert hooks[0] is hooks[1]  # installed once
+  sys.unraisablehook(closed)
+  sys.unraisablehook(other)
+  assert seen == [closed, other]
 
 
 def test_the_cpu_save_handler_replaces_orbax_default_without_a_warning(
