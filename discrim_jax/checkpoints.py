@@ -49,36 +49,20 @@ def _save_replicas_whole_on_cpu() -> None:
       std_logging.getLogger("absl").removeFilter(expected)
 
 
-def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
-  """Keeps the latest ``keep`` checkpoints (``config.keep_checkpoints``) and
-  the best by validation accuracy."""
-  _save_replicas_whole_on_cpu()
-  best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
-  options = ocp.CheckpointManagerOptions(
-      best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy([
-          checkpoint_managers.LatestN(n=keep),
-          checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
-      ]),
-      cleanup_tmp_directories=True)
-  path = workdir / "checkpoints"
-  return ocp.CheckpointManager(path.absolute() if workdir_lib.is_local(path) else path,
-                               options=options)
-
-
 def _is_closed_event_loop(unraisable) -> bool:
   return (isinstance(unraisable.exc_value, RuntimeError)
           and "Event loop is closed" in str(unraisable.exc_value))
 
 
-def _quiet_closed_event_loops() -> None:
+def quiet_closed_event_loops() -> None:
   """Drops the "Event loop is closed" errors that tensorstore's callbacks
-  raise after orbax has closed the event loop of a failed restore: reads
-  still in flight finish on other threads, often seconds later, and each
-  prints a traceback (an unraisable exception) that says nothing a user can
-  act on, after the one-line message that does. They go to the log at debug
-  level; any other unraisable exception is handled as before. Installed once
-  per process, by the first restore that fails."""
+  raise when orbax has closed the event loop of a failed restore or save:
+  reads and writes still in flight finish on other threads, during the
+  failure or seconds later, and each prints a traceback (an unraisable
+  exception) that says nothing a user can act on, beside the one-line
+  message that does. They go to the log at debug level; any other
+  unraisable exception is handled as before. Installed once per process, by
+  the first :func:`checkpoint_manager` (and by the entry points at start)."""
   default = sys.unraisablehook
   if getattr(default, "drops_closed_event_loops", False):
     return
@@ -93,12 +77,29 @@ def _quiet_closed_event_loops() -> None:
   sys.unraisablehook = hook
 
 
+def checkpoint_manager(keep: int, workdir: epath.Path) -> ocp.CheckpointManager:
+  """Keeps the latest ``keep`` checkpoints (``config.keep_checkpoints``) and
+  the best by validation accuracy."""
+  _save_replicas_whole_on_cpu()
+  quiet_closed_event_loops()
+  best_metric = lambda m: m["accuracy"]  # pylint: disable=unnecessary-lambda-assignment
+  options = ocp.CheckpointManagerOptions(
+      best_fn=best_metric, best_mode="max",  # makes the manager keep metrics
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy([
+          checkpoint_managers.LatestN(n=keep),
+          checkpoint_managers.BestN(get_metric_fn=best_metric, n=1),
+      ]),
+      cleanup_tmp_directories=True)
+  path = workdir / "checkpoints"
+  return ocp.CheckpointManager(path.absolute() if workdir_lib.is_local(path) else path,
+                               options=options)
+
+
 def restore(manager, step: int, abstract_state, workdir: epath.Path):
   """The state saved at ``step``; a one-line RuntimeError if unreadable."""
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # orbax raises many types for unreadable files
-    _quiet_closed_event_loops()
     raise RuntimeError(
         f"cannot restore the checkpoint of step {step} in {workdir / 'checkpoints'} "
         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move that step's "

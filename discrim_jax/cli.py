@@ -228,8 +228,12 @@ def run_with_one_line_errors(fn):
   keep_library_caches_in_cache_root()
   quiet_console()
   quiet_library_logs()
+  # pylint: disable=g-import-not-at-top
+  from discrim_jax import checkpoints
+  from discrim_jax import stopping
+  # pylint: enable=g-import-not-at-top
+  checkpoints.quiet_closed_event_loops()
   enable_compilation_cache()
-  from discrim_jax import stopping  # pylint: disable=g-import-not-at-top
   try:
     return fn()
   except stopping.Preempted as e:
