@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -17,13 +18,28 @@ T_975_1 = float(scipy_stats.t.ppf(0.975, 1))
 FLOAT64_BOUND = 1e-12
 
 
-def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypatch,
-                                                     smoke_config):
+OBJECTIVES = ("ce", "gini_kl", "opl")
+
+
+@pytest.fixture(name="harness", scope="module")
+def harness_fixture(fashion, smoke_config, tmp_path_factory):
+  """``(config, workdir, results)`` of one comparison of three objectives
+  over two seeds, trained once for this module's tests."""
   config = smoke_config(num_epochs=1, **{"representation.enabled": True,
                                          "loss.start_epoch": 0.0})
-  objectives = ("ce", "gini_kl", "opl")
-  results = compare.run_comparison(config, str(tmp_path), objectives=objectives,
+  workdir = tmp_path_factory.mktemp("harness")
+  results = compare.run_comparison(config, str(workdir), objectives=OBJECTIVES,
                                    seeds=2, dataset=fashion)
+  return config, workdir, results
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError("a finished run was trained again")
+
+
+def test_harness_writes_table_json_plots_and_resumes(fashion, harness, monkeypatch):
+  config, tmp_path, results = harness
+  objectives = OBJECTIVES
   for name in ("results.md", "results.json", "accuracy.png", "curves.png",
                "impurity_hist.png", "heatmap.png", "representation.png"):
     assert (tmp_path / name).stat().st_size > 0, name
@@ -66,30 +82,33 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, tmp_path, monkeypa
   # stage4 pools to pre_logits: its identical rows are shown once.
   assert "kNN accuracy (%) at stage4" not in table
 
-  def no_training(*args, **kwargs):
-    raise AssertionError("a finished run was trained again")
-
-  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
+  monkeypatch.setattr(train, "train_and_evaluate_seeds", _no_training)
   again = compare.run_comparison(config, str(tmp_path), objectives=objectives,
                                  seeds=2, dataset=fashion)
   assert again == results
 
 
-def test_one_seed_table_has_no_interval_and_strict_json(fashion, tmp_path,
-                                                        smoke_config):
-  # With the objectives the other harness test does not train.
-  compare.run_comparison(smoke_config(num_epochs=1), str(tmp_path),
-                         objectives=("ce", "gini_kl", "center", "supcon"),
-                         seeds=1, dataset=fashion)
+def test_one_seed_table_has_no_interval_and_strict_json(fashion, harness, tmp_path,
+                                                        monkeypatch):
+  # One seed over a copy of the two-seed comparison's workdir: its seed-0
+  # runs are reused, none trained.
+  config, workdir, _ = harness
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
+  monkeypatch.setattr(train, "train_and_evaluate_seeds", _no_training)
+  compare.run_comparison(config, str(tmp_path), objectives=OBJECTIVES, seeds=1,
+                         dataset=fashion)
   saved = json.loads((tmp_path / "results.json").read_text(),
                      parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+  assert [r["seed"] for r in saved["results"]["opl"]["runs"]] == [0]
   assert saved["results"]["gini_kl"]["diff_to_ce_ci95"] is None
   row = [l for l in (tmp_path / "results.md").read_text().splitlines()
          if l.startswith("| CE+Gini+KL |")][0]
   assert "[" not in row.split("|")[3]
   names = [l.split("|")[1].strip()
-           for l in (tmp_path / "results.md").read_text().splitlines()[2:6]]
-  assert names == ["CE", "CE+Gini+KL", "CE+Center", "CE+SupCon"]
+           for l in (tmp_path / "results.md").read_text().splitlines()[2:5]]
+  assert names == ["CE", "CE+Gini+KL", "CE+OPL"]
   # One seed and 200 test images: the table says so beside its figures.
   assert ("Too little to carry a claim: 1 seed (fewer than 5) and 200 test "
           "images") in (tmp_path / "results.md").read_text()
