@@ -12,6 +12,7 @@ import pytest
 from discrim_jax import data
 from discrim_jax import report
 from discrim_jax import study
+from discrim_jax import train
 from discrim_jax.config_lib import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,10 @@ study.run_study("scarcity", base, sys.argv[1], seeds=2,
 """
 
 
+def _no_training(*args, **kwargs):
+  raise AssertionError("a finished run was trained again")
+
+
 def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
                                       smoke_config):
   monkeypatch.setattr(study, "PER_CLASS", (4,))
@@ -95,7 +100,9 @@ def test_study_runs_pairs_and_resumes(fashion_data_dir, tmp_path, monkeypatch,
   assert mine is not None or (tmp_path / "scarcity.json").exists()
   written = json.loads((tmp_path / "scarcity.json").read_text())
   # One process over the same workdir trains nothing more: the same table.
-  results = study.run_study("scarcity", base, str(tmp_path), **kwargs)
+  with monkeypatch.context() as m:
+    m.setattr(train, "train_and_evaluate_seeds", _no_training)
+    results = study.run_study("scarcity", base, str(tmp_path), **kwargs)
   assert _without_wall_time(results) == _without_wall_time(written)
   cells = results["cells"]
   assert set(cells) == {"4_per_class", "base"}
