@@ -136,7 +136,7 @@ def pytest_unconfigure(config):
 
 # Seconds each test module took on a 2-core Intel Xeon (family 6, model 207;
 # `pytest -n 2`, cold compilation cache: a clean clone's `make test`,
-# 2026-12-07 at a48433b with gc.freeze below),
+# 2026-12-07 at a3be2f3, a slow day: 401 s of tests),
 # used only to order them: pytest-xdist runs
 # with --dist loadfile (pyproject.toml), which hands each worker the next
 # whole module when it is nearly done, and the longest first lets the two
@@ -147,15 +147,15 @@ def pytest_unconfigure(config):
 # their own order of tests.
 _FIRST = ("test_pretrained.py", "test_models.py")
 _MODULE_SECONDS = {
-    "test_train.py": 94, "test_data_sources.py": 67, "test_faults.py": 61,
-    "test_compare.py": 49, "test_runtime.py": 40, "test_study.py": 36,
-    "test_cli.py": 34, "test_bench.py": 29, "test_models.py": 27,
-    "test_pretrained.py": 26, "test_docs.py": 25, "test_verdict.py": 24,
-    "test_objectives.py": 22, "test_packaging.py": 15,
-    "test_checkpoints.py": 14, "test_baseline_losses.py": 12,
-    "test_losses_sharded.py": 11, "test_losses.py": 9, "test_workdir.py": 8,
-    "test_data.py": 7, "test_representation.py": 6, "test_optim.py": 5,
-    "test_fonts.py": 5, "test_features.py": 2, "test_stats.py": 1,
+    "test_train.py": 133, "test_data_sources.py": 90, "test_faults.py": 67,
+    "test_runtime.py": 50, "test_study.py": 40, "test_cli.py": 38,
+    "test_bench.py": 36, "test_models.py": 36, "test_pretrained.py": 34,
+    "test_verdict.py": 29, "test_compare.py": 28, "test_objectives.py": 23,
+    "test_docs.py": 23, "test_checkpoints.py": 23,
+    "test_baseline_losses.py": 22, "test_packaging.py": 18,
+    "test_losses.py": 18, "test_losses_sharded.py": 13, "test_optim.py": 10,
+    "test_workdir.py": 9, "test_data.py": 8, "test_representation.py": 7,
+    "test_fonts.py": 6, "test_features.py": 3, "test_stats.py": 1,
 }
 
 
