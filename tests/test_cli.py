@@ -10,9 +10,7 @@ import sys
 import time
 
 
-from discrim_jax import config_lib
 from discrim_jax import train
-from experiments.configs import fashion_mnist as fashion_mnist_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,19 +62,19 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
 
 
 def test_cli_unreadable_checkpoint_is_one_line_without_tracebacks(
-    corrupt_checkpoint, tmp_path):
+    corrupt_checkpoint, fashion, smoke_config, tmp_path):
+  # The run itself in this process, with the config the other tests build
+  # (the CLI's part is the failing reruns, with the same fields as flags).
+  config = smoke_config(num_epochs=1)
+  train.train_and_evaluate(config, str(tmp_path), dataset=fashion)
   args = ("--config=experiments/configs/fashion_mnist.py:smoke",
-          f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.num_devices=1")
-  # The run itself in this process (the CLI's part is the failing reruns).
-  # (Representation metrics are not part of a run's identity; off, the
-  # run that leaves the checkpoint is quicker.)
-  config = config_lib.with_fields(
-      fashion_mnist_config.get_config("smoke"), num_epochs=1, num_devices=1,
-      **{"representation.enabled": False})
-  train.train_and_evaluate(config, str(tmp_path))
+          f"--workdir={tmp_path}", "--config.num_epochs=1",
+          *(f"--config.{field}={config[field]}" for field in (
+              "num_devices", "train_subset", "eval_subset", "eval_batch_size",
+              "log_every_steps")))
   (tmp_path / "summary.json").unlink()
-  assert corrupt_checkpoint(tmp_path / "checkpoints" / "10", "manifest")
-  for expected in ("step 10 \\(moved to", "unreadable ones were moved to"):
+  assert corrupt_checkpoint(tmp_path / "checkpoints" / "5", "manifest")
+  for expected in ("step 5 \\(moved to", "unreadable ones were moved to"):
     result = _cli(*args)
     assert result.returncode == 1
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
