@@ -51,6 +51,16 @@ def test_cifar100_info_shapes_and_ranges(cifar):
   assert 0 <= batch["label"].min() and batch["label"].max() < 100
 
 
+def test_each_mock_reads_its_own_examples():
+  # Decoded splits are kept per process, but not those of a mock: another
+  # mock of the same data set (a test before this one, say) has other examples.
+  for n in (40, 60):
+    with tfds.testing.mock_data(num_examples=n):
+      ds = data.Dataset("cifar100", validation_size=10)
+      read = {split: len(ds.arrays(split)[1]) for split in data.SPLITS}
+      assert read == {"train": n - 10, "validation": 10, "test": n}
+
+
 def test_caltech101_resized_and_per_class_holdout(caltech):
   info = caltech.info
   assert info.num_classes == 102 and info.image_shape == (40, 40, 3)

@@ -40,7 +40,7 @@ from discrim_jax.data import folder as folder_lib
 from discrim_jax.data.tfds_access import (
     DEFAULT_CALTECH_SIZE, DEFAULT_IMAGE_SIZE, SPECS, SPLITS, DatasetInfo,
     batched_examples, check_labels, feature_keys, holdout_count, holdout_mask,
-    open_builder, per_class_subset, spec_for, split_plan, tf_modules)
+    mocked, open_builder, per_class_subset, spec_for, split_plan, tf_modules)
 from discrim_jax.data.tfds_prepare import prepare
 
 
@@ -149,7 +149,11 @@ class Dataset:
       return self._folder.read(split)
     # The same prepared split decoded the same way is read once per process
     # (a study's or comparison's cells all read the one data set). The
-    # arrays are read-only: every later step takes copies or views.
+    # arrays are read-only: every later step takes copies or views. Not
+    # under tfds.testing.mock_data, whose examples stand in for the files
+    # only while it is active (another mock of the same folder differs).
+    if mocked(self._builder):
+      return self._decode(split)
     key = (str(self._builder.data_dir), split, self.image_shape,
            self._spec.resize, self._image_key, self._label_key)
     if key not in _DECODED:
