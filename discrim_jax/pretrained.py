@@ -299,6 +299,8 @@ def load_pretrained(path: str | Path, model_name: str,
   path = Path(path)
   if path.is_dir():
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from discrim_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    checkpoints.quiet_closed_event_loops()  # an unreadable folder's leftovers
     loaded = ocp.StandardCheckpointer().restore(path.absolute())
     return _merge(loaded, variables)
   out = convert(load_state_dict(path), variables,

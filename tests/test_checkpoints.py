@@ -121,6 +121,19 @@ def test_checkpoints_drop_only_closed_event_loop_errors(tmp_path, monkeypatch):
   assert seen == [closed, other]
 
 
+def test_loading_converted_weights_drops_closed_event_loop_errors(tmp_path,
+                                                                   monkeypatch):
+  """Converted weights are an orbax folder read without a checkpoint
+  manager: reading one installs the same filter, readable or not."""
+  from discrim_jax import pretrained  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "_METADATA").write_text("not a checkpoint")
+  with pytest.raises(ValueError):  # orbax reads the metadata as JSON
+    pretrained.load_pretrained(tmp_path / "junk", "resnet18", {})
+  assert getattr(sys.unraisablehook, "drops_closed_event_loops", False)
+
+
 def test_the_cpu_save_handler_replaces_orbax_default_without_a_warning(
     tmp_path, caplog):
   """On CPU the app saves each replicated array whole (checkpoints.py);
