@@ -49,11 +49,6 @@ def _save_replicas_whole_on_cpu() -> None:
       std_logging.getLogger("absl").removeFilter(expected)
 
 
-def _is_closed_event_loop(unraisable) -> bool:
-  return (isinstance(unraisable.exc_value, RuntimeError)
-          and "Event loop is closed" in str(unraisable.exc_value))
-
-
 def quiet_closed_event_loops() -> None:
   """Drops the "Event loop is closed" errors that tensorstore's callbacks
   raise when orbax has closed the event loop of a failed restore or save:
@@ -62,13 +57,15 @@ def quiet_closed_event_loops() -> None:
   exception) that says nothing a user can act on, beside the one-line
   message that does. They go to the log at debug level; any other
   unraisable exception is handled as before. Installed once per process, by
-  the first :func:`checkpoint_manager` (and by the entry points at start)."""
+  the first :func:`checkpoint_manager`, by ``pretrained.load_pretrained``
+  before it reads converted weights, and by the entry points at start."""
   default = sys.unraisablehook
   if getattr(default, "drops_closed_event_loops", False):
     return
 
   def hook(unraisable):
-    if _is_closed_event_loop(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and "Event loop is closed" in str(unraisable.exc_value)):
       logging.debug("ignored after a closed event loop: %r", unraisable.exc_value)
       return
     default(unraisable)

@@ -34,6 +34,8 @@ def harness_fixture(fashion, smoke_config, tmp_path_factory):
 
 
 def _no_training(*args, **kwargs):
+  """Stands in for train.train_and_evaluate_seeds, which the harness (and
+  train_and_evaluate) calls for every run it trains."""
   raise AssertionError("a finished run was trained again")
 
 
@@ -82,7 +84,6 @@ def test_harness_writes_table_json_plots_and_resumes(fashion, harness, monkeypat
   # stage4 pools to pre_logits: its identical rows are shown once.
   assert "kNN accuracy (%) at stage4" not in table
 
-  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
   monkeypatch.setattr(train, "train_and_evaluate_seeds", _no_training)
   again = compare.run_comparison(config, str(tmp_path), objectives=objectives,
                                  seeds=2, dataset=fashion)
@@ -95,7 +96,6 @@ def test_one_seed_table_has_no_interval_and_strict_json(fashion, harness, tmp_pa
   # runs are reused, none trained.
   config, workdir, _ = harness
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
-  monkeypatch.setattr(train, "train_and_evaluate", _no_training)
   monkeypatch.setattr(train, "train_and_evaluate_seeds", _no_training)
   compare.run_comparison(config, str(tmp_path), objectives=OBJECTIVES, seeds=1,
                          dataset=fashion)
