@@ -191,11 +191,17 @@ def _compile_steps(spec, model, num_classes, image_shape, steps_per_epoch,
       model, tx, image_shape, jnp.dtype(model.dtype), step_fns.aux_init_fn(
           spec.objective.baselines, shapes, num_classes))
   replicated = NamedSharding(mesh, P())
-  abstract_state = jax.eval_shape(init_state, 0)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  init_state = jax.jit(init_state, out_shardings=replicated,
+                       compiler_options=init_compiler_options(
+                           devices[0].platform))
+  # The state's shapes from the jitted initialiser's own trace, which its
+  # first call reuses: the model's init is traced once there, not twice
+  # (0.3-0.5 s each for ResNet-50 and CvT-13 at 224 px on a CPU).
+  shapes_of_state = init_state.eval_shape(0)
+  state_sharding = jax.tree.map(lambda _: replicated, shapes_of_state)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_sharding)
+      shapes_of_state, state_sharding)
   fns = _bound_steps(spec, model, num_classes, schedule, steps_per_epoch)
   batch_sharding = NamedSharding(mesh, P("data"))
   jit = functools.partial(_jit, spec,
@@ -208,9 +214,7 @@ def _compile_steps(spec, model, num_classes, image_shape, steps_per_epoch,
                      donate_argnums=0),
       eval_step=jit(fns["eval"], out_shardings=replicated),
       features_step=jit(fns["features"], out_shardings=replicated),
-      init_state=jax.jit(init_state, out_shardings=state_sharding,
-                         compiler_options=init_compiler_options(
-                             devices[0].platform)))
+      init_state=init_state)
 
 
 def _jit(spec, fn, **kwargs):
