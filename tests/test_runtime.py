@@ -186,11 +186,13 @@ def test_a_second_build_of_the_same_steps_reuses_them(smoke_config):
     runtime.build(smoke_config(), dataset=dataset)
 
 
-def test_the_state_initialiser_is_traced_once_for_its_shapes_and_its_call(
+def test_a_build_traces_the_model_init_once_for_the_state_and_once_per_model(
     smoke_config):
   """A build takes the state's shapes from the jitted initialiser's own trace,
-  and the first call reuses it: the model's init is traced once (it was
-  traced a second time for the shapes, 0.3-0.5 s at 224 px)."""
+  which its first call reuses (the model's init was traced a second time for
+  the shapes, 0.3-0.5 s at 224 px); the features' shapes of a model are
+  traced once for the builds that differ only in what the steps do (another
+  learning rate, another objective)."""
   traces = []
 
   def listen(event, duration, **kwargs):
@@ -198,16 +200,23 @@ def test_the_state_initialiser_is_traced_once_for_its_shapes_and_its_call(
     if event == "/jax/core/compile/jaxpr_trace_duration":
       traces.append(kwargs.get("fun_name"))
 
+  dataset = SyntheticDataset(num_classes=10, image_shape=(28, 28, 1),
+                             num_examples=64)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    # A learning rate no other test builds: new steps, not cached ones.
+    # Learning rates no other test builds: new steps, not cached ones.
     program = runtime.build_from_config(
-        smoke_config(**{"optimizer.lr": 0.0123}), dataset=SyntheticDataset(
-            num_classes=10, image_shape=(28, 28, 1), num_examples=64))
+        smoke_config(**{"optimizer.lr": 0.0123}), dataset=dataset)
     state = program.init_state(0)
+    assert traces.count("init_state") == 1, traces
+    traces.clear()
+    for objective in ("gini_kl", "ce"):
+      runtime.build_from_config(smoke_config(
+          objective=objective, **{"optimizer.lr": 0.0124}), dataset=dataset)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
-  assert traces.count("init_state") == 1, traces
+  # The same model: nothing traced but each build's initialiser.
+  assert traces == ["init_state", "init_state"], traces
   chex.assert_trees_all_equal_shapes_and_dtypes(
       state, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                           program.abstract_state))
