@@ -185,7 +185,7 @@ def feature_shapes(model, image_shape) -> dict[str, jax.ShapeDtypeStruct]:
   Kept for recent models (Flax modules compare and hash by their fields):
   builds that differ only in what the steps do (objective, optimiser, as
   in a harness's runs) do not trace the model's init again for them
-  (~0.4 s for ResNet-50 or CvT-13 at 224 px on a CPU)."""
+  (0.4-0.6 s for ResNet-50 or CvT-13 at 224 px on a CPU)."""
   key = (model, tuple(image_shape), jax.config.jax_enable_x64)
   try:
     hash(key)

@@ -139,13 +139,14 @@ def pytest_unconfigure(config):
 # 2026-12-07 at a3be2f3, a slow day: 401 s of tests),
 # used only to order them: pytest-xdist runs
 # with --dist loadfile (pyproject.toml), which hands each worker the next
-# whole module when it is nearly done, and the longest first lets the two
+# whole module when it is nearly done, and the longest first lets the
 # workers finish together (a 34-s test started last had once left one worker
-# idle for 29 s), except that each worker starts with a module that reads no
-# Fashion-MNIST (_FIRST) while the controller prepares it. A module missing
+# idle for 29 s), except that each of `make test`'s three workers starts with
+# a module that reads no Fashion-MNIST (_FIRST) while the controller
+# prepares it. A module missing
 # here goes last; a stale figure costs balance, never a result. Modules keep
 # their own order of tests.
-_FIRST = ("test_pretrained.py", "test_models.py")
+_FIRST = ("test_pretrained.py", "test_models.py", "test_bench.py")
 _MODULE_SECONDS = {
     "test_train.py": 133, "test_data_sources.py": 90, "test_faults.py": 67,
     "test_runtime.py": 50, "test_study.py": 40, "test_cli.py": 38,
