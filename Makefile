@@ -111,8 +111,8 @@ run: setup data
 # 8 fake CPU devices exercise the multi-device paths. Each worker takes whole
 # test modules, the longest first (pyproject.toml, tests/conftest.py). Three
 # workers on 2 cores keep both busy while one waits on a process it started or
-# on a checkpoint's write: cold-cache suite 327-362 s against 355-369 s with
-# two, alternated on a 2-core Xeon (docs/speed.md).
+# on a checkpoint's write: cold-cache suite 327-362 s against 355-370 s with
+# two, three pairs alternated on a 2-core Xeon (docs/speed.md).
 TEST_WORKERS ?= 3
 test: setup-test data dejavu
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n $(TEST_WORKERS) -q tests
