@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The test suite's time for several pytest-xdist worker counts, alternated
-# (a slow spell of a shared machine hits each count), each run from an empty
-# JAX compilation cache as a fresh clone has it. Needs `make setup-test data`
-# first. Prints one line per run: workers, pytest's result line, wall, user
-# and system seconds.
+# The test suite's time (`make test`, the README's command) for several
+# pytest-xdist worker counts (TEST_WORKERS), alternated (a slow spell of a
+# shared machine hits each count), each run from an empty JAX compilation
+# cache as a fresh clone has it; set-up, if not done yet, happens before the
+# first count and is timed with it. Prints one line per run: workers,
+# pytest's result line, wall, user and system seconds.
 #
 #   experiments/bench_suite.sh 3 2 3 2
 set -u
@@ -16,9 +17,8 @@ TIMEFORMAT="wall=%R user=%U sys=%S"
 for n in "${counts[@]}"; do
   rm -rf "${cache:?}"/*
   log=$(mktemp)
-  { time env PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 JAX_COMPILATION_CACHE_DIR="$cache" \
-      XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-      .venv/bin/python -m pytest -n "$n" -q tests > "$log" 2>&1; } 2> "$log.time"
+  { time env JAX_COMPILATION_CACHE_DIR="$cache" \
+      make -s test TEST_WORKERS="$n" > "$log" 2>&1; } 2> "$log.time"
   echo "workers=$n $(tail -n 1 "$log" | tr -d '=') $(cat "$log.time")"
   rm -f "$log" "$log.time"
 done

@@ -143,9 +143,8 @@ def pytest_unconfigure(config):
 # workers finish together (a 34-s test started last had once left one worker
 # idle for 29 s), except that each of `make test`'s three workers starts with
 # a module that reads no Fashion-MNIST (_FIRST) while the controller
-# prepares it. A module missing
-# here goes last; a stale figure costs balance, never a result. Modules keep
-# their own order of tests.
+# prepares it. A module missing here goes last; a stale figure costs
+# balance, never a result. Modules keep their own order of tests.
 _FIRST = ("test_pretrained.py", "test_models.py", "test_bench.py")
 _MODULE_SECONDS = {
     "test_train.py": 133, "test_data_sources.py": 90, "test_faults.py": 67,
