@@ -168,14 +168,16 @@ def model_gflop(program) -> float:
   """XLA's FLOP count of ``program``'s train step before backend fusions, in
   GFLOP.
 
-  Counted on the step lowered for one CPU device, whatever the benchmark runs
-  on: the count is the model's, and XLA gives none before compilation on GPU
+  Counted on the step lowered for one CPU device (the program's own step
+  where it runs on one), whatever the benchmark runs on: the count is the model's, and XLA gives none before compilation on GPU
   (after it, convolutions run as cuDNN calls that it does not count).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
-  cpu = runtime.build_from_config(program.spec.config, dataset=program.dataset,
-                                  devices=jax.devices("cpu")[:1])
+  cpu = program
+  if [d.platform for d in program.mesh.devices.flat] != ["cpu"]:
+    cpu = runtime.build_from_config(program.spec.config, dataset=program.dataset,
+                                    devices=jax.devices("cpu")[:1])
   abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                 cpu.dataset.batch(cpu.spec.batch_size))
   lowered = cpu.train_step.lower(cpu.abstract_state, abstract_batch)
