@@ -14,11 +14,12 @@ TEST_EXTRAS := [app,test,pretrained,bench$(if $(ACCEL),$(comma)$(ACCEL),)]
 STAMP := $(VENV)/.installed-run$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test$(ACCEL)
 # uv installs the same requirements as pip, fetching and unpacking wheels in
-# parallel, with the same precompiled bytecode; pip where uv cannot be had or
-# fails (uv does not read pip's own configuration: a mirror set only there).
-# A fresh `make setup-test`, empty caches, 2-core AMD EPYC: 97 and 104 s
-# against 165 and 186 s with pip (docs/speed.md).
-UV_INSTALL := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
+# parallel, with the same precompiled bytecode, from where pip's configuration
+# says (tools/uv_as_pip.py: indexes, find-links, constraints); pip where uv
+# cannot be had or fails. A fresh `make setup-test`, empty caches, 2-core AMD
+# EPYC: 89 and 104 s against 165, 186 and 180 s with pip (docs/speed.md).
+UV_INSTALL := $(BIN)/python tools/uv_as_pip.py $(BIN)/uv pip install -q \
+  --compile-bytecode --python $(BIN)/python
 install = { [ -x $(BIN)/uv ] && $(UV_INSTALL) $(1); } || $(BIN)/pip install -q $(1)
 # PyTorch's own index of CPU-only wheels (about 1 GB installed, against 5 GB
 # for the default build with CUDA libraries); used where it can be reached.
@@ -50,12 +51,11 @@ $(STAMP): pyproject.toml
 	  echo "python3 cannot make virtual environments: installing python3-venv"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	[ -x $(BIN)/pip ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q uv || echo "uv could not be installed: pip installs the requirements"
+	$(BIN)/pip install -q 'uv>=0.5' || echo "uv could not be installed: pip installs the requirements"
 	$(call install,-e '.$(EXTRAS)')
 	@touch $@
 
-# PyTorch's CPU build first where its index answers (asked through uv, which
-# gives up at once where the index cannot be reached); otherwise the default
+# PyTorch's CPU build first where its index answers; otherwise the default
 # build that the extras pull from PyPI.
 $(TEST_STAMP): $(STAMP)
 	@if $(BIN)/python -c 'import torch' 2>/dev/null; then \
