@@ -169,8 +169,9 @@ def model_gflop(program) -> float:
   GFLOP.
 
   Counted on the step lowered for one CPU device (the program's own step
-  where it runs on one), whatever the benchmark runs on: the count is the model's, and XLA gives none before compilation on GPU
-  (after it, convolutions run as cuDNN calls that it does not count).
+  where it runs on one), whatever the benchmark runs on: the count is the
+  model's, and XLA gives none before compilation on GPU (after it,
+  convolutions run as cuDNN calls that it does not count).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from discrim_jax import runtime  # pylint: disable=g-import-not-at-top
