@@ -24,11 +24,11 @@ elif _count.group(1) != "8":
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _xla_knows(flag: str) -> bool:
-  """Whether this jaxlib's XLA accepts ``flag`` (it aborts on an unknown
-  one): asked of a child process once; the processes the suite starts
+def _xla_knows(flags: list[str]) -> bool:
+  """Whether this jaxlib's XLA accepts ``flags`` (it aborts on an unknown
+  one): asked of a child process; the processes the suite starts
   (pytest-xdist's workers among them) inherit the answer in XLA_FLAGS."""
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {flag}")
+  env = dict(os.environ, XLA_FLAGS=" ".join([os.environ["XLA_FLAGS"], *flags]))
   return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
                         env=env, capture_output=True, check=False).returncode == 0
 
@@ -42,11 +42,20 @@ def _xla_knows(flag: str) -> bool:
 # (experiments/results/startup/), and steps run 8% slower (docs/speed.md).
 # Like JAX_DISABLE_MOST_OPTIMIZATIONS, a choice for the suite only; every
 # numerical bound in tests/ is one that float32 rounding justifies, whatever
-# kernel rounds. Left out where this jaxlib no longer has the switch.
-_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _xla_knows(
-    _EMITTERS):
-  os.environ["XLA_FLAGS"] += " " + _EMITTERS
+# kernel rounds.
+# One LLVM module per program instead of parts compiled on parallel threads:
+# the suite runs three processes on two cores, where the split only adds
+# work. Building the smoke config's steps for three objectives from a cold
+# cache (trace, lower, compile, first call), XLA's compile took 4.0-4.2 s
+# against 4.7-5.2 s split (3 runs each, 2-core AMD EPYC); the code is the same.
+# Either is left out where this jaxlib no longer has the switch.
+_SUITE_XLA_FLAGS = [f for f in ("--xla_cpu_use_fusion_emitters=false",
+                                "--xla_cpu_parallel_codegen_split_count=1")
+                    if f.split("=")[0] not in os.environ["XLA_FLAGS"]]
+if _SUITE_XLA_FLAGS:
+  if not _xla_knows(_SUITE_XLA_FLAGS):
+    _SUITE_XLA_FLAGS = [f for f in _SUITE_XLA_FLAGS if _xla_knows([f])]
+  os.environ["XLA_FLAGS"] = " ".join([os.environ["XLA_FLAGS"], *_SUITE_XLA_FLAGS])
 # Tests compile many small programs once each: trade run time for compile
 # time, here and (through the environment) in the CLI processes tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
