@@ -356,10 +356,10 @@ def _as_tensors(dataset, split: str, images: np.ndarray, labels: np.ndarray
 def _load_function(tensors: _SplitTensors, *, seed: int, augment: bool,
                    mean, std, crop_padding: int, rows: slice, batch_size: int):
   """The batch ``{image, label, mask}`` of a row of indices, as one
-  ``tf.function`` per setting, kept with the split's tensors: tf.data traces
+  ``tf.function`` per setting, kept with the split's tensors. tf.data traces
   a Python map function again for each pipeline (one per epoch and per
-  evaluation), 60-160 ms on a CPU, a third of a small test run's time; a
-  traced function is called, not traced again. The same ops either way."""
+  evaluation); a traced function it only calls: a pipeline took 90-160 ms of
+  CPU to make before, 50-65 ms after (docs/speed.md). The same ops."""
   tf, _ = tf_modules()
   key = (seed if augment else None, augment, crop_padding, rows.start,
          rows.stop, batch_size,
