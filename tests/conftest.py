@@ -46,8 +46,9 @@ def _xla_knows(flags: list[str]) -> bool:
 # One LLVM module per program instead of parts compiled on parallel threads:
 # the suite runs three processes on two cores, where the split only adds
 # work. Building the smoke config's steps for three objectives from a cold
-# cache (trace, lower, compile, first call), XLA's compile took 4.0-4.2 s
-# against 4.7-5.2 s split (3 runs each, 2-core AMD EPYC); the code is the same.
+# cache (trace, lower, compile, first call), XLA's compiles took 4.03 and
+# 4.08 s (4.09 and 4.24 s with another switch beside it) against 4.74-5.18 s
+# split (3 runs), runs alternated, 2-core AMD EPYC; the code is the same.
 # Either is left out where this jaxlib no longer has the switch.
 _SUITE_XLA_FLAGS = [f for f in ("--xla_cpu_use_fusion_emitters=false",
                                 "--xla_cpu_parallel_codegen_split_count=1")
