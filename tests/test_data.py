@@ -161,6 +161,51 @@ def test_normalize_uses_training_statistics(cifar):
   np.testing.assert_allclose(batch["image"].std(axis=(0, 1, 2)), 1.0, atol=1e-3)
 
 
+class _EveryPixelValue:
+  """Five 16x16 RGB images in which every channel holds each uint8 value once."""
+  name = "every_pixel_value"
+
+  def __init__(self):
+    values = np.arange(256, dtype=np.uint8)
+    self.images = np.stack([
+        np.stack([np.roll(values, 7 * k + c) for c in range(3)], -1)
+        .reshape(16, 16, 3) for k in range(5)])
+    self.labels = np.arange(5, dtype=np.int32)
+
+  def arrays(self, split):
+    del split
+    return self.images, self.labels
+
+  def mean_std(self):
+    images = self.images.astype(np.float32) / 255.0
+    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+
+
+def test_evaluation_batches_equal_the_tensorflow_ops_bit_for_bit():
+  """An evaluation pass without augmentation is cut by NumPy; its values are
+  what TensorFlow's ops give (the tf.data path's cast, division by 255 and
+  normalisation) for every uint8 value in every channel, exactly: the cast
+  is exact and each division or subtraction is one IEEE float32 rounding in
+  both, so no tolerance is needed on any CPU."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds = _EveryPixelValue()
+  for normalize in (False, True):
+    batches = list(data.make_iterator(ds, "test", 2, train=False,
+                                      normalize=normalize, process_index=0,
+                                      process_count=1))
+    expected = tf.cast(ds.images, tf.float32) / 255.0
+    if normalize:
+      mean, std = ds.mean_std()
+      expected = (expected - mean) / std
+    image = np.concatenate([b["image"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert image.dtype == np.float32 and mask.dtype == np.float32
+    np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 0])  # 5 = 2 + 2 + 1
+    np.testing.assert_array_equal(image[:5], expected.numpy())
+    np.testing.assert_array_equal(
+        np.concatenate([b["label"] for b in batches])[:5], ds.labels)
+
+
 def test_global_batch_sharded_over_data_axis(cifar):
   mesh = jax.make_mesh((8,), ("data",))
   sharding = NamedSharding(mesh, P("data"))
