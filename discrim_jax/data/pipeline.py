@@ -1,5 +1,5 @@
 """The in-memory reader: a data set's splits read once into host memory,
-tf.data for augmentation and batching.
+tf.data for the training batches and their augmentation, NumPy for evaluation.
 
 A data set is named by ``config.dataset``:
 
@@ -384,7 +384,8 @@ def _load_function(tensors: _SplitTensors, *, seed: int, augment: bool,
 
 
 def _ordered_pass(images: np.ndarray, labels: np.ndarray, index: np.ndarray,
-                  mask: np.ndarray, mean, std) -> Iterator[dict[str, np.ndarray]]:
+                  mask: np.ndarray, mean, std
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """An evaluation pass without augmentation, one batch per row of ``index``,
   cut by NumPy: making a tf.data pipeline took 50-65 ms of CPU, several times
   a small split's whole pass. The same values as the tf.data path: the cast
