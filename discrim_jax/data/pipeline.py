@@ -412,9 +412,9 @@ def iterate(dataset, split: str, batch_size: int, *, train: bool, seed: int,
   mean = std = None
   if normalize:
     mean, std = dataset.mean_std()
-  tf, _ = tf_modules()
 
   def pipeline(index: np.ndarray, mask: np.ndarray, first_step: int):
+    tf, _ = tf_modules()
     load = _load_function(_as_tensors(dataset, split, images, labels),
                           seed=seed, augment=augment, mean=mean, std=std,
                           crop_padding=crop_padding, rows=rows,
