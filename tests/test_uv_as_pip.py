@@ -54,3 +54,19 @@ def test_a_uv_variable_already_set_is_kept(tmp_path):
   config.write_text("[global]\nindex-url = https://pip.example/simple\n")
   env = _run(config, UV_DEFAULT_INDEX="https://mine.example/simple")
   assert env["UV_DEFAULT_INDEX"] == "https://mine.example/simple"
+
+
+def test_unreadable_pip_configuration_is_one_line_and_runs_nothing(tmp_path):
+  config = tmp_path / "pip.conf"
+  config.write_text("[global\nindex-url = https://pip.example/simple\n")
+  result = subprocess.run(
+      [sys.executable, str(REPO / "tools" / "uv_as_pip.py"), *_PRINT_ENV],
+      env=dict(os.environ, PIP_CONFIG_FILE=str(config)), capture_output=True,
+      text=True, check=False, timeout=120)
+  # Exit status 1 (make then installs with pip) and uv, here the printer,
+  # not run.
+  assert result.returncode == 1 and not result.stdout
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: pip's configuration"), lines[0]
+  assert str(config) in lines[0] and "Traceback" not in result.stderr

@@ -33,8 +33,13 @@ OPTIONS = {
 def pip_settings() -> dict[str, str]:
   """pip's value of each option in OPTIONS that is set, by pip's precedence:
   the ``install`` section over ``global``, a ``PIP_*`` variable over both."""
-  listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                           capture_output=True, text=True, check=True).stdout
+  result = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                          capture_output=True, text=True, check=False)
+  if result.returncode:
+    why = " ".join(result.stderr.split())[-300:] or "no message"
+    sys.exit(f"error: pip's configuration could not be read by `pip config "
+             f"list` ({why}); uv is not run without it")
+  listing = result.stdout
   rank = {"global": 0, "install": 1, ":env:": 2}
   found = {}
   for line in listing.splitlines():
