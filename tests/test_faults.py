@@ -16,6 +16,7 @@ import pytest
 from discrim_jax import pretrained
 from discrim_jax import train
 from discrim_jax import checkpoints
+from discrim_jax import evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 _SMOKE = ["--config=experiments/configs/fashion_mnist.py:smoke",
@@ -33,11 +34,11 @@ def _error_lines(stderr):
   return [l for l in stderr.splitlines() if l.startswith(("error:", "preempted:"))]
 
 
-# Each phase entered through the public function it starts with (in
-# discrim_jax.checkpoints): restoring
-# (or initialising) the state, the last step, and the test's restore of the
-# best checkpoint.
-@pytest.mark.parametrize("phase", ["restore_latest", "last_step", "restore"])
+# Each phase entered through the public function it starts with: restoring
+# (or initialising) the state (discrim_jax.checkpoints), the last step, and
+# the test, whose pass over the test split (discrim_jax.evaluation) follows
+# the restore of the best checkpoint where that is not the last step's.
+@pytest.mark.parametrize("phase", ["restore_latest", "last_step", "test"])
 def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
     phase, whole, fashion, tmp_path, smoke_config, read_metrics, monkeypatch):
   config = smoke_config()
@@ -46,15 +47,23 @@ def test_sigterm_at_each_phase_then_resume_equals_uninterrupted(
     kwargs["step_callback"] = lambda step: step == 10 and os.kill(os.getpid(),
                                                                   signal.SIGTERM)
     where = "at step 10 of 10"
+  elif phase == "test":
+    original = evaluation.split_totals
+
+    def signalled(program, state, split, *args):
+      if split == "test":
+        os.kill(os.getpid(), signal.SIGTERM)
+      return original(program, state, split, *args)
+    monkeypatch.setattr(evaluation, "split_totals", signalled)
+    where = "during the test"
   else:
-    original = getattr(checkpoints, phase)
+    original = checkpoints.restore_latest
 
     def signalled(*args):
       os.kill(os.getpid(), signal.SIGTERM)
       return original(*args)
-    monkeypatch.setattr(checkpoints, phase, signalled)
-    where = {"restore_latest": "before training started",
-             "restore": "during the test"}[phase]
+    monkeypatch.setattr(checkpoints, "restore_latest", signalled)
+    where = "before training started"
   run = tmp_path / "cut"
   with pytest.raises(train.Preempted, match=f"SIGTERM {where}"):
     train.train_and_evaluate(config, str(run), dataset=fashion, **kwargs)

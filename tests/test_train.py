@@ -22,11 +22,13 @@ import os
 from pathlib import Path
 import signal
 
+from etils import epath
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from discrim_jax import checkpoints
 from discrim_jax import config_lib
 from discrim_jax import data
 from discrim_jax import runtime
@@ -319,6 +321,65 @@ def test_rerun_of_a_finished_run_keeps_its_throughput_in_strict_json(
   assert strict["train_images_per_s"] == again["train_images_per_s"] == (
       first["train_images_per_s"])
   assert strict["test_accuracy"] == first["test_accuracy"]
+
+
+def _validation_accuracies(monkeypatch, by_seed):
+  """Each seed's validation accuracies, in order of evaluation, stand in for
+  the measured ones: they decide which checkpoint is the best."""
+  calls = {}
+
+  def patch(cls):
+    evaluate = cls.evaluate
+
+    def scored(self, split, **kwargs):
+      results = evaluate(self, split, **kwargs)
+      if split == "validation":
+        for seed, result in zip(self.seeds, results):
+          calls[seed] = calls.get(seed, -1) + 1
+          result["accuracy"] = by_seed[seed][calls[seed]]
+      return results
+    monkeypatch.setattr(cls, "evaluate", scored)
+  patch(seed_groups.OneSeed)
+  patch(seed_groups.VmappedSeeds)
+
+
+def test_the_test_split_is_scored_with_the_best_checkpoint(
+    fashion, tmp_path, monkeypatch, smoke_config):
+  """The test record and feature-class matrices are those of the best
+  validation checkpoint's state, read back from its files, whether that is
+  an earlier step's (restored) or the last step's (the state the loop ended
+  with, tested without reading it back): for one seed, and for seeds
+  trained together whose best steps differ. Equal exactly: the same states
+  evaluated by the same program."""
+  config = smoke_config()  # validation at steps 5 and 10
+  program = runtime.build_from_config(config, dataset=fashion)
+  cases = [({0: (0.9, 0.1)}, {0: 5}), ({0: (0.1, 0.9)}, {0: 10}),
+           ({0: (0.9, 0.1), 1: (0.1, 0.9)}, {0: 5, 1: 10})]
+  for case, (accuracies, best) in enumerate(cases):
+    with monkeypatch.context() as m:
+      _validation_accuracies(m, accuracies)
+      workdirs = {seed: str(tmp_path / f"{case}_{seed}") for seed in accuracies}
+      summaries = train.train_and_evaluate_seeds(
+          config, workdirs, dataset=fashion)
+    states = []
+    for seed, workdir in workdirs.items():
+      assert summaries[seed]["best_validation_step"] == best[seed], (case, seed)
+      manager = checkpoints.checkpoint_manager(config.keep_checkpoints,
+                                               epath.Path(workdir))
+      states.append(checkpoints.restore(
+          manager, best[seed], program.abstract_state, epath.Path(workdir)))
+      manager.close()
+    # What the run scores its seeds with: the plain eval step for one, the
+    # vmapped one for several (which sums in another order).
+    expected = seed_groups.drive(program, list(workdirs), states).evaluate(
+        "test", with_features=True)
+    for (seed, workdir), (test, matrices) in zip(workdirs.items(), expected):
+      summary = summaries[seed]
+      assert (summary["test_accuracy"], summary["test_ce"]) == (
+          test["accuracy"], test["ce"]), (case, seed)
+      saved = np.load(Path(workdir) / "feature_class_matrix.npz")
+      for layer, matrix in matrices.items():
+        np.testing.assert_array_equal(saved[layer], matrix)
 
 
 def test_failed_build_leaves_no_config_and_the_fixed_command_trains(
