@@ -14,16 +14,30 @@ TEST_EXTRAS := [app,test,pretrained,bench$(if $(ACCEL),$(comma)$(ACCEL),)]
 STAMP := $(VENV)/.installed-run$(ACCEL)
 TEST_STAMP := $(VENV)/.installed-test$(ACCEL)
 # uv installs the same requirements as pip, fetching and unpacking wheels in
-# parallel, with the same precompiled bytecode, from where pip's configuration
-# says (tools/uv_as_pip.py: indexes, find-links, constraints); pip where uv
-# cannot be had or fails. A fresh `make setup-test`, empty caches, 2-core AMD
-# EPYC: 89 and 104 s against 165, 186 and 180 s with pip (docs/speed.md).
+# parallel, from where pip's configuration says (tools/uv_as_pip.py: indexes,
+# find-links, constraints); pip where uv cannot be had or fails. A fresh `make
+# setup-test`, empty caches, 2-core AMD EPYC: 89 and 104 s against 165, 186 and
+# 180 s with pip (docs/speed.md).
 UV_INSTALL := $(BIN)/python tools/uv_as_pip.py $(BIN)/uv pip install -q \
-  --compile-bytecode --python $(BIN)/python
+  --python $(BIN)/python
+# Bytecode for the ~7,000 modules the app and the tests load, written by
+# importing them two processes at once (tools/write_bytecode.py), rather than
+# uv's --compile-bytecode of all ~23,000 in the environment. With this and an
+# unreachable PyTorch index passed by at once (below), a fresh `make
+# setup-test` took 92 and 113 s against 118 and 141 s before, alternated,
+# empty caches, 2-core AMD EPYC (docs/speed.md).
+APP_MODULES := tensorflow,tensorflow_datasets,clu.metric_writers,grain \
+  jax,flax.linen,optax,orbax.checkpoint,scipy.stats,statsmodels.stats.multitest,matplotlib.pyplot,PIL.Image,ml_collections,absl.app,tqdm
+TEST_MODULES := torch,torchvision,transformers.models.cvt.modeling_cvt,safetensors \
+  pytest,xdist,chex,nbclient,ipykernel
 install = { [ -x $(BIN)/uv ] && $(UV_INSTALL) $(1); } || $(BIN)/pip install -q $(1)
 # PyTorch's own index of CPU-only wheels (about 1 GB installed, against 5 GB
 # for the default build with CUDA libraries); used where it can be reached.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Where its name does not resolve (no DNS for it), the index is passed by at
+# once: uv retries such a name for ~9 s before it gives up.
+TORCH_INDEX_RESOLVES := import socket, sys, urllib.parse; \
+  socket.getaddrinfo(urllib.parse.urlsplit(sys.argv[1]).hostname, 443)
 # Debian's Fashion-MNIST: system-wide (apt-get install) or unpacked without root.
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 FMNIST_CACHE := $(HOME)/.cache/discrim_jax/deb
@@ -53,6 +67,7 @@ $(STAMP): pyproject.toml
 	[ -x $(BIN)/pip ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q 'uv>=0.5' || echo "uv could not be installed: pip installs the requirements"
 	$(call install,-e '.$(EXTRAS)')
+	$(BIN)/python tools/write_bytecode.py $(APP_MODULES)
 	@touch $@
 
 # PyTorch's CPU build first where its index answers; otherwise the default
@@ -60,14 +75,14 @@ $(STAMP): pyproject.toml
 $(TEST_STAMP): $(STAMP)
 	@if $(BIN)/python -c 'import torch' 2>/dev/null; then \
 	  echo "PyTorch already installed"; \
-	elif ! { UV_HTTP_TIMEOUT=15 $(UV_INSTALL) --index-url $(TORCH_CPU_INDEX) \
+	elif ! { $(BIN)/python -c '$(TORCH_INDEX_RESOLVES)' $(TORCH_CPU_INDEX) && \
+	    UV_HTTP_TIMEOUT=15 $(UV_INSTALL) --index-url $(TORCH_CPU_INDEX) \
 	    torch torchvision && $(BIN)/python -c 'import torchvision.ops'; } >/dev/null 2>&1; then \
 	  echo "No working CPU build of PyTorch from $(TORCH_CPU_INDEX): the default build comes from PyPI"; \
 	  $(BIN)/pip uninstall -q -y torch torchvision >/dev/null 2>&1 || true; \
 	fi
 	$(call install,-e '.$(TEST_EXTRAS)')
-	@$(BIN)/python -c 'import torch; print("PyTorch", torch.__version__, \
-	  "(CPU build)" if torch.version.cuda is None else "(with CUDA " + torch.version.cuda + " libraries)")'
+	$(BIN)/python tools/write_bytecode.py $(TEST_MODULES)
 	@touch $@
 
 data:
