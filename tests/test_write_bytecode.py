@@ -35,7 +35,7 @@ def test_writes_what_the_groups_import_whatever_the_environment_says(tmp_path):
   assert result.returncode == 0, result.stderr
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and lines[0].startswith(
-      "bytecode not written for broken,pkg: RuntimeError: cannot load me"), lines
+      "bytecode incomplete for broken,pkg: RuntimeError: cannot load me"), lines
   assert _written(tmp_path, "pkg.a") and _written(tmp_path, "pkg.b")
   assert _written(tmp_path, "pkg.__init__")
   assert not _written(tmp_path, "pkg.c")  # nothing imported it
@@ -45,3 +45,18 @@ def test_without_groups_it_says_how_to_call_it():
   result = subprocess.run([sys.executable, str(REPO / "tools" / "write_bytecode.py")],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_an_import_that_hangs_is_stopped_in_one_line(tmp_path, monkeypatch,
+                                                     capsys):
+  (tmp_path / "hangs.py").write_text("import time\ntime.sleep(120)\n")
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  sys.path.insert(0, str(REPO / "tools"))
+  try:
+    import write_bytecode  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(REPO / "tools"))
+  monkeypatch.setattr(write_bytecode, "TIMEOUT_S", 1)
+  assert write_bytecode.main(["write_bytecode.py", "hangs"]) == 0
+  assert capsys.readouterr().err == (
+      "bytecode incomplete for hangs: its import took over 1 s and was stopped\n")

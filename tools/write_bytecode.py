@@ -12,13 +12,17 @@ installer compiles every module of the environment (about 23,000, most of
 them never imported: transformers' other models, pandas, statsmodels' other
 tests), this only the ~7,000 that the app and the tests load. A module imported
 later that has none is compiled in memory as usual, and written if
-PYTHONDONTWRITEBYTECODE is not set. A group that fails to import is named in
-one line; the set-up goes on, since the import that needs it will say why.
+PYTHONDONTWRITEBYTECODE is not set. A group that fails to import, or takes
+over TIMEOUT_S, is named in one line; the set-up goes on, since the import
+that needs it will say why.
 """
 
 import os
 import subprocess
 import sys
+
+# Far beyond what an import takes (~20 s here); a hung one does not hang `make`.
+TIMEOUT_S = 600
 
 
 def main(argv: list[str]) -> int:
@@ -32,10 +36,17 @@ def main(argv: list[str]) -> int:
           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
       for group in argv[1:]]
   for group, process in processes:
-    _, stderr = process.communicate()
+    try:
+      _, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.communicate()
+      print(f"bytecode incomplete for {group}: its import took over "
+            f"{TIMEOUT_S} s and was stopped", file=sys.stderr)
+      continue
     if process.returncode:
       last = stderr.strip().splitlines()[-1:] or ["no message"]
-      print(f"bytecode not written for {group}: {last[0]}", file=sys.stderr)
+      print(f"bytecode incomplete for {group}: {last[0]}", file=sys.stderr)
   return 0
 
 
