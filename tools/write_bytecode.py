@@ -12,9 +12,9 @@ installer compiles every module of the environment (about 23,000, most of
 them never imported: transformers' other models, most of statsmodels,
 networkx, pip), this only the ~7,000 that the app and the tests load. A
 module imported later that has none is compiled in memory as usual, and
-written if PYTHONDONTWRITEBYTECODE is not set. A group that fails to import, or takes
-over TIMEOUT_S, is named in one line; the set-up goes on, since the import
-that needs it will say why.
+written if PYTHONDONTWRITEBYTECODE is not set. A group that fails to import,
+or takes over TIMEOUT_S, is named in one line; the set-up goes on, since the
+import that needs it will say why.
 """
 
 import os
