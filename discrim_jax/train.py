@@ -194,9 +194,8 @@ def _test_best(program: runtime.Program, replicas: list[_Replica], trained):
       for i, (r, step, is_last) in enumerate(zip(replicas, best_steps, last))]
   if representation:
     return best_steps, [evaluation.final_test(program, s) for s in best_states]
-  seeds = [r.spec.seed for r in replicas]
-  return best_steps, seed_groups.drive(program, seeds, best_states).evaluate(
-      "test", with_features=True)
+  return best_steps, seed_groups.drive(
+      program, trained.seeds, best_states).evaluate("test", with_features=True)
 
 
 def _write_summary(program: runtime.Program, r: _Replica, best_step: int,
