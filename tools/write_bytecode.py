@@ -3,7 +3,7 @@ r"""Writes the bytecode of the modules that importing some packages loads.
     python tools/write_bytecode.py GROUP [GROUP...]
 
 Each GROUP is a comma-separated list of modules, imported in a process of its
-own (the groups run at once, one per core), with bytecode writing on whatever
+own (the groups run at once), with bytecode writing on whatever
 PYTHONDONTWRITEBYTECODE says: Python writes a ``.pyc`` beside each module it
 compiles, so later processes load it instead of compiling the source again.
 
