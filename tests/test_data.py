@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from discrim_jax import data
+from discrim_jax.data import batching
 from discrim_jax.data import fashion_mnist
 from discrim_jax.data import tfds_access
 from discrim_jax.data import tfds_prepare
@@ -177,8 +178,7 @@ class _EveryPixelValue:
     return self.images, self.labels
 
   def mean_std(self):
-    images = self.images.astype(np.float32) / 255.0
-    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+    return batching.channel_mean_std(self.images)
 
 
 def test_evaluation_batches_equal_the_tensorflow_ops_bit_for_bit():

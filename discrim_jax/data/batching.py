@@ -8,6 +8,7 @@ streamed path give the same batches.
   epoch dropped; each process takes its :func:`process_rows` of it.
 * Evaluation: one ordered pass, the last batch padded with example 0 and
   masked.
+* Normalisation: :func:`channel_mean_std` of the training images.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from discrim_jax.data.tfds_access import tf_modules
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
   """The order in which training epoch ``epoch`` visits ``n`` examples."""
   return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def channel_mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of ``[N, H, W, C]`` uint8 images in [0, 1]
+  units: the statistics ``normalize`` uses, alike for every reader."""
+  scaled = images.astype(np.float32) / 255.0
+  return scaled.mean(axis=(0, 1, 2)), scaled.std(axis=(0, 1, 2))
 
 
 def num_train_steps(n: int, batch_size: int, where: str) -> int:

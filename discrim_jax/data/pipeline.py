@@ -310,8 +310,7 @@ class Dataset:
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the training images, in [0, 1] units."""
-    images = self.arrays("train")[0].astype(np.float32) / 255.0
-    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+    return batching.channel_mean_std(self.arrays("train")[0])
 
 
 def get_info(name: str, **kwargs: Any) -> DatasetInfo:

@@ -201,9 +201,8 @@ class StreamingDataset:
     """Per-channel mean and std of the first 10,000 training images (after
     resizing), in [0, 1] units."""
     n = min(MEAN_STD_SAMPLE, self.num_examples("train"))
-    images = np.stack([_fit(self.record("train", i)[0], self.image_shape)
-                       for i in range(n)]).astype(np.float32) / 255.0
-    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+    return batching.channel_mean_std(np.stack(
+        [_fit(self.record("train", i)[0], self.image_shape) for i in range(n)]))
 
 
 def _fit(image: np.ndarray, shape) -> np.ndarray:

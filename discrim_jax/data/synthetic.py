@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from discrim_jax.data import batching
+
 
 class SyntheticDataset:
   """Uniform random uint8 images and labels, with :class:`Dataset`'s interface."""
@@ -27,8 +29,7 @@ class SyntheticDataset:
     return len(self.arrays(split)[1])
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-    images = self._arrays[0].astype(np.float32) / 255.0
-    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+    return batching.channel_mean_std(self._arrays[0])
 
   def batch(self, batch_size: int) -> dict[str, np.ndarray]:
     """The first ``batch_size`` images as the steps take a batch (what
